@@ -1,0 +1,29 @@
+# Two commands do all set-up on a fresh machine:
+#   make demo   builds .venv if needed, then runs `slimkit demo`
+#   make test   builds .venv if needed, then runs the whole test suite
+# torch==2.13.0 is installed first (a CPU wheel); the project's torch range admits it, so
+# installing the project pulls no CUDA build.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.slimkit-installed
+
+.PHONY: env demo test bench clean
+
+env: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check torch==2.13.0
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[test]'
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/slimkit demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

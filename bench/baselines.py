@@ -1,0 +1,28 @@
+"""Train (once, cached in bench/.cache) the Fashion-MNIST baselines every benchmark starts from.
+
+    .venv/bin/python -m bench.baselines [NAME ...]
+"""
+
+from __future__ import annotations
+
+import sys
+
+from bench._common import BASELINES, baseline, fashion_mnist, markdown_table, write_section
+from slimkit.measure import count_macs, count_params
+
+
+def main() -> None:
+    names = sys.argv[1:] or list(BASELINES)
+    data = fashion_mnist()
+    rows = []
+    for name in names:
+        model, _, rep = baseline(name, data)
+        rows.append([f"`{BASELINES[name]['spec']}`", BASELINES[name]["epochs"], f"{count_params(model)['params']:,}",
+                     f"{count_macs(model, data.input_shape):,}", f"{rep['test_accuracy']:.4f}", f"{rep['seconds']:.0f} s"])
+    write_section("baselines", "Fashion-MNIST baselines (trained once, shared by every benchmark)",
+                  "Adam 1e-3, cosine schedule, batch 128, seed 0; the model with the best validation accuracy is kept.\n\n"
+                  + markdown_table(["model", "epochs", "params", "MACs", "test accuracy", "training time"], rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,354 @@
+"""Data sources, deterministic splits and calibration subsets.
+
+A data spec names where the examples come from:
+
+- ``digits``: the 8x8 digits that ship with scikit-learn (the embedded default);
+- ``idx:DIR``: MNIST / Fashion-MNIST IDX files, gzipped or not;
+- ``npz:FILE``: a NumPy archive with arrays ``x`` and ``y`` (optionally ``x_test``/``y_test``);
+- ``package.module:function``: user code returning ``(x, y)`` or a dict like the npz archive.
+
+Every source becomes a :class:`DataBundle` of float32 tensors split into train, validation
+and test by a seed, so the same seed gives the same split everywhere.
+
+>>> data = load_data("digits", seed=0)
+>>> data.input_shape, data.num_classes
+((1, 8, 8), 10)
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import SlimkitError
+
+__all__ = ["DataBundle", "load_data", "register_source", "SPLITS"]
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class DataBundle:
+    """Examples split three ways, ready for training and measurement.
+
+    ``x_*`` are float32 tensors of shape ``(N, *input_shape)``; ``y_*`` int64 labels.
+    """
+
+    name: str
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_val: torch.Tensor
+    y_val: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    num_classes: int
+    seed: int = 0
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.x_train.shape[1:])
+
+    def split(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if name not in SPLITS:
+            raise SlimkitError(f"unknown split '{name}'; choose one of {', '.join(SPLITS)}.")
+        return getattr(self, f"x_{name}"), getattr(self, f"y_{name}")
+
+    def calibration(self, n: int = 256) -> torch.Tensor:
+        """``n`` training examples, the same ones for the same seed (for INT8 calibration)."""
+        if n < 1:
+            raise SlimkitError(f"the calibration set must hold at least 1 example, got {n}.")
+        g = torch.Generator().manual_seed(self.seed + 7919)
+        idx = torch.randperm(len(self.x_train), generator=g)[: min(n, len(self.x_train))]
+        return self.x_train[idx]
+
+    def example(self, batch: int = 1, split: str = "test") -> torch.Tensor:
+        """A real input batch of ``batch`` examples (repeating the split if it is short)."""
+        x, _ = self.split(split)
+        reps = -(-batch // len(x))
+        return x.repeat((reps,) + (1,) * (x.dim() - 1))[:batch].contiguous()
+
+    def sizes(self) -> dict[str, int]:
+        return {s: len(self.split(s)[0]) for s in SPLITS}
+
+    def describe(self) -> str:
+        s = self.sizes()
+        return (
+            f"{self.name}: {s['train']} train / {s['val']} val / {s['test']} test, "
+            f"input {tuple(self.input_shape)}, {self.num_classes} classes"
+        )
+
+
+_Source = Callable[[str, int], DataBundle]
+_SOURCES: dict[str, _Source] = {}
+
+
+def register_source(prefix: str) -> Callable[[_Source], _Source]:
+    """Register ``fn(argument, seed) -> DataBundle`` for specs ``prefix:argument``."""
+
+    def deco(fn: _Source) -> _Source:
+        _SOURCES[prefix] = fn
+        return fn
+
+    return deco
+
+
+def load_data(spec: str = "digits", *, seed: int = 0) -> DataBundle:
+    """Load a data spec (see the module docstring) and split it by ``seed``."""
+    spec = (spec or "").strip()
+    if not spec:
+        raise SlimkitError("no data given: pass --data digits, idx:DIR, npz:FILE or package.module:function.")
+    if spec in _SOURCES:
+        return _SOURCES[spec]("", seed)
+    prefix, sep, arg = spec.partition(":")
+    if sep and prefix in _SOURCES:
+        return _SOURCES[prefix](arg, seed)
+    if sep and arg and all(p.isidentifier() for p in prefix.split(".")) and arg.isidentifier():
+        return _from_callable(prefix, arg, seed)
+    raise SlimkitError(
+        f"unknown data spec '{spec}'. Use 'digits' (built in), 'idx:DIR' (MNIST/Fashion-MNIST IDX files), "
+        "'npz:FILE' (arrays x and y) or 'package.module:function' (your own loader)."
+    )
+
+
+# --------------------------------------------------------------------------- building
+
+
+def _to_float(x: np.ndarray, where: str) -> np.ndarray:
+    if x.dtype == np.uint8:
+        return x.astype(np.float32) / 255.0
+    if not np.issubdtype(x.dtype, np.number):
+        raise SlimkitError(f"{where}: x must be numeric, got dtype {x.dtype}.")
+    x = x.astype(np.float32)
+    if not np.isfinite(x).all():
+        raise SlimkitError(f"{where}: x holds NaN or infinite values; clean the data first.")
+    return x
+
+
+def _shape_images(x: np.ndarray, where: str) -> np.ndarray:
+    if x.ndim == 3:  # (N, H, W) -> (N, 1, H, W)
+        return x[:, None]
+    if x.ndim in (2, 4):  # (N, F) flat features, (N, C, H, W) images
+        return x
+    raise SlimkitError(
+        f"{where}: x has shape {x.shape}; expected (N, features), (N, H, W) or (N, C, H, W)."
+    )
+
+
+def _labels(y: np.ndarray, n: int, where: str) -> np.ndarray:
+    y = np.asarray(y)
+    if y.ndim != 1 or len(y) != n:
+        raise SlimkitError(f"{where}: y must be a 1-D array of {n} labels (one per example), got shape {y.shape}.")
+    if not np.issubdtype(y.dtype, np.integer):
+        if np.issubdtype(y.dtype, np.floating) and np.all(y == np.round(y)):
+            y = y.astype(np.int64)
+        else:
+            raise SlimkitError(f"{where}: y must hold integer class labels, got dtype {y.dtype}.")
+    if len(y) and y.min() < 0:
+        raise SlimkitError(f"{where}: labels must be 0..K-1, found {int(y.min())}.")
+    return y.astype(np.int64)
+
+
+def _stratified_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (keep, held_out) with ``fraction`` of each class held out, by ``seed``."""
+    rng = np.random.default_rng(seed)
+    keep, held = [], []
+    for c in np.unique(y):
+        idx = np.flatnonzero(y == c)
+        rng.shuffle(idx)
+        k = int(round(len(idx) * fraction))
+        if len(idx) > 1:
+            k = min(max(k, 1), len(idx) - 1)
+        else:
+            k = 0
+        held.append(idx[:k])
+        keep.append(idx[k:])
+    keep_idx, held_idx = np.concatenate(keep), np.concatenate(held)
+    return rng.permutation(keep_idx), rng.permutation(held_idx)
+
+
+def build_bundle(
+    name: str,
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    seed: int,
+    x_test: np.ndarray | None = None,
+    y_test: np.ndarray | None = None,
+    x_val: np.ndarray | None = None,
+    y_val: np.ndarray | None = None,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.2,
+) -> DataBundle:
+    """Validate arrays and split them into a :class:`DataBundle` (deterministic by seed)."""
+    x = _shape_images(_to_float(np.asarray(x), name), name)
+    y = _labels(y, len(x), name)
+    if len(x) < 10:
+        raise SlimkitError(f"{name}: only {len(x)} examples; at least 10 are needed to split train/val/test.")
+    if x_test is not None:
+        if y_test is None:
+            raise SlimkitError(f"{name}: x_test given without y_test.")
+        x_test = _shape_images(_to_float(np.asarray(x_test), name + " (x_test)"), name)
+        y_test = _labels(y_test, len(x_test), name + " (y_test)")
+        if x_test.shape[1:] != x.shape[1:]:
+            raise SlimkitError(f"{name}: x_test examples have shape {x_test.shape[1:]}, x has {x.shape[1:]}.")
+    else:
+        keep, held = _stratified_split(y, test_fraction, seed)
+        x, y, x_test, y_test = x[keep], y[keep], x[held], y[held]
+    if x_val is not None:
+        if y_val is None:
+            raise SlimkitError(f"{name}: x_val given without y_val.")
+        x_val = _shape_images(_to_float(np.asarray(x_val), name + " (x_val)"), name)
+        y_val = _labels(y_val, len(x_val), name + " (y_val)")
+    else:
+        keep, held = _stratified_split(y, val_fraction, seed + 1)
+        x, y, x_val, y_val = x[keep], y[keep], x[held], y[held]
+    num_classes = int(max(y.max(), y_test.max(), y_val.max())) + 1
+    t = lambda a, dt=torch.float32: torch.from_numpy(np.ascontiguousarray(a)).to(dt)  # noqa: E731
+    return DataBundle(
+        name=name,
+        x_train=t(x), y_train=t(y, torch.int64),
+        x_val=t(x_val), y_val=t(y_val, torch.int64),
+        x_test=t(x_test), y_test=t(y_test, torch.int64),
+        num_classes=num_classes,
+        seed=seed,
+    )
+
+
+# --------------------------------------------------------------------------- sources
+
+
+@register_source("digits")
+def _digits(arg: str, seed: int) -> DataBundle:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = (d.images / 16.0).astype(np.float32)  # (N, 8, 8) in [0, 1]
+    return build_bundle("digits", x, d.target, seed=seed, val_fraction=0.15, test_fraction=0.2)
+
+
+_IDX_TYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """Read one IDX file (``.gz`` or plain): the format of MNIST and Fashion-MNIST."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:
+        raise SlimkitError(f"cannot read IDX file {path}: {e}.") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_TYPES:
+        raise SlimkitError(f"{path} is not an IDX file (bad magic number); expected MNIST-style IDX data.")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    dims = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    dtype = np.dtype(_IDX_TYPES[raw[2]])
+    expected = int(np.prod(dims)) * dtype.itemsize
+    if len(raw) - header != expected:
+        raise SlimkitError(
+            f"{path} is truncated or corrupt: header says shape {dims} ({expected} bytes), "
+            f"file holds {len(raw) - header} bytes of data."
+        )
+    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(dims)
+
+
+def _find_idx(folder: Path, split: str, kind: str) -> Path | None:
+    # train-images-idx3-ubyte(.gz), train-images.idx3-ubyte, t10k-labels-idx1-ubyte.gz, ...
+    rank = "idx3" if kind == "images" else "idx1"
+    hits = sorted(p for p in folder.iterdir() if p.name.startswith(f"{split}-{kind}") and rank in p.name)
+    return hits[0] if hits else None
+
+
+@register_source("idx")
+def _idx(arg: str, seed: int) -> DataBundle:
+    folder = Path(arg).expanduser()
+    if not arg or not folder.is_dir():
+        raise SlimkitError(
+            f"idx:{arg}: no such folder. Give the folder holding train-images-idx3-ubyte(.gz) and "
+            "train-labels-idx1-ubyte(.gz); Debian's dataset-fashion-mnist installs them in "
+            "/usr/share/datasets/fashion-mnist."
+        )
+    train_x, train_y = _find_idx(folder, "train", "images"), _find_idx(folder, "train", "labels")
+    if train_x is None or train_y is None:
+        raise SlimkitError(
+            f"idx:{arg}: the folder has no train-images-idx3-ubyte / train-labels-idx1-ubyte files "
+            "(gzipped or not)."
+        )
+    x, y = read_idx(train_x), read_idx(train_y)
+    test_x, test_y = _find_idx(folder, "t10k", "images"), _find_idx(folder, "t10k", "labels")
+    xt = yt = None
+    if test_x is not None and test_y is not None:
+        xt, yt = read_idx(test_x), read_idx(test_y)
+    if len(x) != len(y):
+        raise SlimkitError(f"idx:{arg}: {len(x)} training images but {len(y)} labels.")
+    return build_bundle(f"idx:{arg}", x, y, x_test=xt, y_test=yt, seed=seed, val_fraction=0.1)
+
+
+@register_source("npz")
+def _npz(arg: str, seed: int) -> DataBundle:
+    path = Path(arg).expanduser()
+    if not path.is_file():
+        raise SlimkitError(f"npz:{arg}: no such file.")
+    with open(path, "rb") as f:
+        if f.read(2) != b"PK":
+            raise SlimkitError(f"npz:{arg} is not a readable .npz archive (np.savez writes one).")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except ValueError as e:
+        raise SlimkitError(
+            f"npz:{arg}: cannot read it without unpickling ({e}); store plain numeric arrays x and y."
+        ) from None
+    except Exception as e:  # zipfile.BadZipFile, OSError, ...
+        raise SlimkitError(f"npz:{arg} is not a readable .npz archive: {e}.") from None
+    return _bundle_from_arrays(f"npz:{arg}", arrays, seed)
+
+
+def _bundle_from_arrays(name: str, arrays: dict[str, Any], seed: int) -> DataBundle:
+    if "x" not in arrays or "y" not in arrays:
+        raise SlimkitError(f"{name}: expected arrays named 'x' and 'y', found {sorted(arrays) or 'none'}.")
+    return build_bundle(
+        name, arrays["x"], arrays["y"], seed=seed,
+        x_test=arrays.get("x_test"), y_test=arrays.get("y_test"),
+        x_val=arrays.get("x_val"), y_val=arrays.get("y_val"),
+    )
+
+
+def _from_callable(module: str, func: str, seed: int) -> DataBundle:
+    fn = import_object(f"{module}:{func}", what="data loader")
+    out = fn()
+    name = f"{module}:{func}"
+    if isinstance(out, DataBundle):
+        return out
+    if isinstance(out, dict):
+        return _bundle_from_arrays(name, out, seed)
+    if isinstance(out, (tuple, list)) and len(out) == 2:
+        x, y = (np.asarray(a.numpy() if isinstance(a, torch.Tensor) else a) for a in out)
+        return build_bundle(name, x, y, seed=seed)
+    raise SlimkitError(f"{name} returned {type(out).__name__}; it must return (x, y) or a dict with 'x' and 'y'.")
+
+
+def import_object(spec: str, *, what: str) -> Any:
+    """Import ``package.module:attribute`` (the current folder is importable, as with ``python -m``)."""
+    module, _, attr = spec.partition(":")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        mod = importlib.import_module(module)
+    except ImportError as e:
+        raise SlimkitError(f"cannot import module '{module}' for the {what} '{spec}': {e}.") from None
+    try:
+        return getattr(mod, attr)
+    except AttributeError:
+        raise SlimkitError(f"module '{module}' has no '{attr}' (the {what} '{spec}').") from None

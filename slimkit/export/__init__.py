@@ -1,0 +1,293 @@
+"""Export to ONNX with a dynamic batch dimension, and check the export against torch.
+
+>>> from slimkit.models import create_model
+>>> model = create_model("lenet5", input_shape=(1, 8, 8), num_classes=10).eval()
+>>> path = export_onnx(model, "/tmp/lenet5.onnx", torch.zeros(2, 1, 8, 8))
+>>> parity(model, path, torch.rand(64, 1, 8, 8))["top1_agreement"]
+1.0
+
+Before export, batch norms that directly follow a convolution or linear layer are folded
+into it (:func:`fold_batchnorm`), as any deployment would do; the folded copy is also what
+``torch-cpu`` measures, so parameter counts agree between the two targets.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import logging
+import re
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .. import _io
+from ..errors import ExportError
+
+__all__ = ["export_onnx", "fold_batchnorm", "parity", "ort_session"]
+
+_CONV_OPS = {"aten.conv1d.default", "aten.conv2d.default", "aten.conv3d.default", "aten.linear.default"}
+_BN_OPS = {"aten.batch_norm.default", "aten._native_batch_norm_legit_no_training.default"}
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """The exporter prints progress to stdout and logs about torchvision; keep stdout clean."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.onnx._internal.exporter._registration")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, lvl in zip(loggers, levels):
+            lg.setLevel(lvl)
+
+
+def _module_of(node: Any) -> str | None:
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return None
+    return list(stack.values())[-1][0]
+
+
+def _export_program(model: nn.Module, example: torch.Tensor) -> torch.export.ExportedProgram:
+    with _quiet_exporter():
+        return torch.export.export(model, (example,), strict=False)
+
+
+def fold_batchnorm(model: nn.Module, example: torch.Tensor) -> nn.Module:
+    """A copy of ``model`` in eval mode with each batch norm folded into the conv/linear before it.
+
+    A batch norm is folded only when it consumes the output of a conv or linear layer that
+    nothing else uses (found on the graph ``torch.export`` traces), so the copy computes
+    the same function. The original model is not changed.
+    """
+    m = copy.deepcopy(model).eval()
+    if not any(isinstance(x, nn.modules.batchnorm._BatchNorm) for x in m.modules()):
+        _drop_zero_biases(m)
+        return m
+    try:
+        ep = _export_program(m, example)
+    except Exception:
+        _drop_zero_biases(m)
+        return m  # not traceable here; export itself will explain
+    pairs: list[tuple[str, str]] = []
+    seen_calls: dict[str, int] = {}
+    for node in ep.graph_module.graph.nodes:
+        if node.op != "call_function":
+            continue
+        name = _module_of(node)
+        if name is not None and str(node.target) in _CONV_OPS | _BN_OPS:
+            seen_calls[name] = seen_calls.get(name, 0) + 1
+        if str(node.target) in _BN_OPS:
+            src = node.args[0]
+            if getattr(src, "op", None) == "call_function" and str(src.target) in _CONV_OPS and len(src.users) == 1:
+                pairs.append((_module_of(src), name))
+    modules = dict(m.named_modules())
+    for conv_name, bn_name in pairs:
+        conv, bn = modules.get(conv_name), modules.get(bn_name)
+        if conv is None or bn is None or seen_calls.get(conv_name) != 1 or seen_calls.get(bn_name) != 1:
+            continue  # a module called twice cannot be folded for one of its uses only
+        if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or not bn.track_running_stats:
+            continue
+        if isinstance(conv, nn.modules.conv._ConvNd) and not conv.transposed:
+            fused = torch.nn.utils.fusion.fuse_conv_bn_eval(conv, bn)
+        elif isinstance(conv, nn.Linear):
+            fused = torch.nn.utils.fusion.fuse_linear_bn_eval(conv, bn)
+        else:
+            continue
+        _set_module(m, conv_name, fused)
+        _set_module(m, bn_name, nn.Identity())
+    _drop_zero_biases(m)
+    return m
+
+
+def _drop_zero_biases(model: nn.Module) -> None:
+    """Remove all-zero biases, as the ONNX exporter's optimizer does, so counts agree."""
+    for mod in model.modules():
+        if isinstance(mod, (nn.modules.conv._ConvNd, nn.Linear)) and mod.bias is not None:
+            if not torch.count_nonzero(mod.bias.detach()):
+                mod.bias = None
+
+
+def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
+
+
+def export_onnx(
+    model: nn.Module,
+    path: str | Path,
+    example: torch.Tensor,
+    *,
+    fold_bn: bool = True,
+    opset: int | None = None,
+) -> Path:
+    """Export ``model`` to one ONNX file at ``path`` with a dynamic batch dimension.
+
+    The file is written atomically. If export fails, :class:`ExportError` names the module
+    and the operator that failed.
+    """
+    path = Path(path)
+    if example.shape[0] < 2:  # batch 1 would be specialised into the graph
+        example = example.repeat((2,) + (1,) * (example.dim() - 1))
+    m = fold_batchnorm(model, example) if fold_bn else copy.deepcopy(model).eval()
+    kwargs: dict[str, Any] = {}
+    if opset is not None:
+        kwargs["opset_version"] = opset
+
+    def write(tmp: Path) -> None:
+        with _quiet_exporter():
+            torch.onnx.export(
+                m, (example,), str(tmp), dynamo=True, external_data=False,
+                dynamic_shapes=({0: torch.export.Dim("batch")},),
+                input_names=["input"], output_names=["logits"], **kwargs,
+            )
+
+    try:
+        return _io.atomic_write(path, write)
+    except Exception as e:  # the exporter raises many kinds; explain which module failed
+        raise _explain_failure(m, example, e) from None
+
+
+_OP_PATTERNS = (
+    re.compile(r"target=torch\.ops\.([\w.]+)"),
+    re.compile(r"OpOverload\(op='([\w.]+)', overload='(\w+)'"),
+    re.compile(r"\b(aten[.:]{1,2}\w+(?:\.\w+)?)"),
+)
+
+
+def _explain_failure(model: nn.Module, example: torch.Tensor, err: Exception) -> ExportError:
+    text = "\n".join(str(x) for x in _chain(err))
+    op = None
+    for pat in _OP_PATTERNS:
+        if found := pat.search(text):
+            op = ".".join(g for g in found.groups() if g)
+            break
+    module = None
+    try:
+        ep = _export_program(model, example)
+        if op:
+            base = op.rsplit(".", 1)[0] if op.count(".") >= 2 else op
+            for node in ep.graph_module.graph.nodes:
+                if node.op == "call_function" and str(node.target).startswith(base):
+                    module = _module_of(node)
+                    break
+    except Exception as trace_err:  # torch.export itself failed: bisect the module tree
+        module = _first_failing_module(model, example)
+        if op is None:
+            op = _first_line(trace_err)
+    label = f"'{module}' ({type(model.get_submodule(module)).__name__})" if module else "the model's forward"
+    where = "" if module is None else f" in module {label}"
+    return ExportError(
+        f"ONNX export failed{where} at operator '{op or 'unknown'}': {_first_line(err)}. "
+        "Replace that operator with one ONNX supports, or register an ONNX translation for it "
+        "(torch.onnx.export custom_translation_table).",
+        module=module, op=op,
+    )
+
+
+def _chain(err: BaseException):
+    while err is not None:
+        yield err
+        err = err.__cause__ or err.__context__
+
+
+def _first_line(err: BaseException) -> str:
+    for e in _chain(err):
+        for line in str(e).splitlines():
+            line = line.strip()
+            if line and not line.startswith("Failed to convert"):
+                return re.sub(r"\x1b\[[0-9;]*m", "", line)[:300]
+    return type(err).__name__
+
+
+def _first_failing_module(model: nn.Module, example: torch.Tensor) -> str | None:
+    """The deepest submodule that torch.export cannot trace on its own input."""
+    inputs: dict[str, tuple] = {}
+    hooks = [
+        mod.register_forward_pre_hook(lambda m, args, n=name: inputs.setdefault(n, args))
+        for name, mod in model.named_modules() if name
+    ]
+    try:
+        with torch.no_grad():
+            model(example)
+    except Exception:
+        pass
+    finally:
+        for h in hooks:
+            h.remove()
+    failing = None
+    name_prefix = ""
+    while True:
+        parent = model.get_submodule(name_prefix) if name_prefix else model
+        for child_name, child in parent.named_children():
+            full = f"{name_prefix}.{child_name}" if name_prefix else child_name
+            args = inputs.get(full)
+            if args is None:
+                continue
+            try:
+                with _quiet_exporter():
+                    torch.export.export(child, args, strict=False)
+            except Exception:
+                failing = full
+                break
+        else:
+            return failing
+        name_prefix = failing
+
+
+# ----------------------------------------------------------------------------- running ONNX
+
+
+def ort_session(path: str | Path, threads: int = 1, *, profile: bool = False, optimized_path: str | None = None):
+    """An ONNX Runtime CPU session with an explicit thread count."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = int(threads)
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    if profile:
+        so.enable_profiling = True
+    if optimized_path:
+        so.optimized_model_filepath = str(optimized_path)
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def ort_predict(session, x: torch.Tensor | np.ndarray, batch: int = 512) -> np.ndarray:
+    name = session.get_inputs()[0].name
+    arr = x.numpy() if isinstance(x, torch.Tensor) else x
+    outs = [session.run(None, {name: np.ascontiguousarray(arr[i : i + batch], dtype=np.float32)})[0]
+            for i in range(0, len(arr), batch)]
+    return np.concatenate(outs) if outs else np.zeros((0, 0), np.float32)
+
+
+def parity(model: nn.Module, onnx_path: str | Path, x: torch.Tensor, *, threads: int = 1) -> dict[str, Any]:
+    """Compare the torch model and the ONNX artifact on real inputs ``x``.
+
+    Returns ``max_abs_diff`` of the logits, ``top1_agreement`` (fraction of examples whose
+    predicted class agrees) and the number of ``samples``.
+    """
+    model = model.eval()
+    with torch.no_grad():
+        ref = model(x).float().numpy()
+    got = ort_predict(ort_session(onnx_path, threads), x)
+    if got.shape != ref.shape:
+        raise ExportError(f"the ONNX model returns shape {got.shape}, torch returns {ref.shape}.")
+    return {
+        "max_abs_diff": float(np.max(np.abs(got - ref))) if ref.size else 0.0,
+        "top1_agreement": float(np.mean(got.argmax(1) == ref.argmax(1))) if len(ref) else 1.0,
+        "samples": int(len(x)),
+    }

@@ -1,0 +1,278 @@
+"""Measurement: pure functions that never change the model they measure.
+
+>>> from slimkit.data import load_data
+>>> from slimkit.models import create_model
+>>> data = load_data("digits")
+>>> model = create_model("lenet300", input_shape=data.input_shape, num_classes=10)
+>>> count_params(model)["params"]
+55610
+>>> report = profile(model, data, target="ort-cpu", batch_sizes=(1, 64), max_seconds=0.5)
+>>> sorted(report)  # doctest: +NORMALIZE_WHITESPACE
+['accuracy', 'artifact_bytes', 'batch_sizes', 'layers', 'latency_ms', 'macs', 'nonzero_params',
+ 'params', 'target', 'threads']
+
+Every figure for ``ort-cpu`` comes from the ONNX artifact itself (its initializers, its graph,
+ONNX Runtime sessions); for ``torch-cpu`` from the batch-norm folded module that target runs.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..data import DataBundle
+from ..errors import SlimkitError
+from .backends import default_threads, get_backend, target_names, time_runs, torch_threads
+
+__all__ = [
+    "count_params",
+    "count_macs",
+    "layer_macs",
+    "artifact_bytes",
+    "accuracy",
+    "latency",
+    "layer_profile",
+    "profile",
+    "graph_stats",
+    "target_names",
+    "default_threads",
+    "time_runs",
+]
+
+from ._graph import count_ops, graph_stats  # noqa: E402
+
+
+def count_params(model: nn.Module) -> dict[str, int]:
+    """Total and non-zero parameters of a torch model (buffers such as BN statistics excluded)."""
+    total = nonzero = 0
+    seen: set[int] = set()
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        nonzero += int(torch.count_nonzero(p.detach()))
+    return {"params": total, "nonzero_params": nonzero}
+
+
+def layer_macs(model: nn.Module, input_shape: Sequence[int]) -> dict[str, int]:
+    """Multiply-accumulates per module (fully qualified name) for one example, via FlopCounterMode."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = model.training
+    model.eval()
+    counter = FlopCounterMode(display=False)
+    try:
+        with counter, torch.no_grad():
+            model(torch.zeros((1, *input_shape)))
+    finally:
+        model.train(was_training)
+    root = type(model).__name__
+    out: dict[str, int] = {}
+    for key, ops in counter.get_flop_counts().items():
+        if key == "Global":
+            out[""] = sum(ops.values()) // 2
+            continue
+        name = key[len(root) + 1:] if key.startswith(root + ".") else ("" if key == root else key)
+        if name:
+            out[name] = sum(ops.values()) // 2  # a multiply-accumulate is two FLOPs
+    return out
+
+
+def count_macs(model: nn.Module, input_shape: Sequence[int]) -> int:
+    """Multiply-accumulates of conv / linear / matmul ops for one example."""
+    return int(layer_macs(model, input_shape).get("", 0))
+
+
+def artifact_bytes(path: str | Path) -> int:
+    """Size on disk of an artifact: a file, or a folder's files summed."""
+    p = Path(path)
+    if p.is_dir():
+        return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+    if not p.exists():
+        raise SlimkitError(f"artifact {p} does not exist.")
+    return p.stat().st_size
+
+
+def _predict(runner: Any, x: torch.Tensor, batch: int = 256) -> np.ndarray:
+    xs = x.numpy()
+    return np.concatenate([runner(np.ascontiguousarray(xs[i : i + batch])) for i in range(0, len(xs), batch)])
+
+
+def accuracy(model_or_runner: Any, x: torch.Tensor, y: torch.Tensor, *, threads: int | None = None) -> float:
+    """Top-1 accuracy of a torch model (or a backend runner) on ``(x, y)``."""
+    if len(x) == 0:
+        raise SlimkitError("cannot measure accuracy on an empty split.")
+    if isinstance(model_or_runner, nn.Module):
+        model = model_or_runner
+        was_training = model.training
+        model.eval()
+        try:
+            with torch_threads(threads or default_threads()), torch.inference_mode():
+                preds = torch.cat([model(x[i : i + 512]).argmax(1) for i in range(0, len(x), 512)])
+        finally:
+            model.train(was_training)
+        return float((preds == y).float().mean())
+    logits = _predict(model_or_runner, x)
+    return float(np.mean(logits.argmax(1) == y.numpy()))
+
+
+def _example_batch(data: DataBundle, batch: int) -> np.ndarray:
+    return np.ascontiguousarray(data.example(batch).numpy(), dtype=np.float32)
+
+
+def latency(runner: Any, data: DataBundle, batch_sizes: Sequence[int], *, max_seconds: float = 2.0) -> dict[str, dict[str, float]]:
+    """Latency per batch size (median, p90 in ms, spread, runs) of a backend runner on real examples."""
+    out = {}
+    for bs in batch_sizes:
+        x = _example_batch(data, int(bs))
+        out[str(int(bs))] = time_runs(lambda: runner(x), max_seconds=max_seconds)
+    return out
+
+
+def _prepare(model: nn.Module | None, onnx_path: Path | None, target: str, threads: int, example: torch.Tensor):
+    backend = get_backend(target)
+    if backend.needs_onnx:
+        return backend.prepare(None, onnx_path, threads)
+    from ..export import fold_batchnorm
+
+    return backend.prepare(fold_batchnorm(model, example) if model is not None else None, None, threads)
+
+
+def layer_profile(
+    model: nn.Module | None,
+    data: DataBundle,
+    *,
+    target: str = "ort-cpu",
+    onnx_path: str | Path | None = None,
+    threads: int | None = None,
+    batch_size: int = 1,
+    repeats: int = 20,
+) -> list[dict[str, Any]]:
+    """Per-layer name, type, params, MACs and measured share of time on ``target``."""
+    return _profile(model, data, target=target, onnx_path=onnx_path, threads=threads, batch_sizes=(),
+                    layers_batch=batch_size, layer_repeats=repeats, with_layers=True)["layers"]
+
+
+def profile(
+    model: nn.Module | None,
+    data: DataBundle,
+    *,
+    target: str = "ort-cpu",
+    batch_sizes: Sequence[int] = (1, 64),
+    threads: int | None = None,
+    onnx_path: str | Path | None = None,
+    split: str = "test",
+    layers: bool = True,
+    max_seconds: float = 2.0,
+) -> dict[str, Any]:
+    """Measure a model on a target: the figures ``slimkit profile --json`` prints.
+
+    For ``ort-cpu`` the model is exported to a temporary ONNX file unless ``onnx_path`` is
+    given (then ``model`` may be ``None``). Returns ``params``, ``nonzero_params``, ``macs``,
+    ``artifact_bytes``, ``accuracy`` (on ``split``), ``latency_ms`` (batch size -> median, p90,
+    spread, runs) and ``layers``.
+    """
+    return _profile(model, data, target=target, onnx_path=onnx_path, threads=threads, batch_sizes=batch_sizes,
+                    split=split, with_layers=layers, max_seconds=max_seconds)
+
+
+def _profile(
+    model: nn.Module | None,
+    data: DataBundle,
+    *,
+    target: str,
+    onnx_path: str | Path | None,
+    threads: int | None,
+    batch_sizes: Sequence[int],
+    split: str = "test",
+    with_layers: bool = True,
+    max_seconds: float = 2.0,
+    layers_batch: int | None = None,
+    layer_repeats: int = 20,
+) -> dict[str, Any]:
+    from ..export import export_onnx, fold_batchnorm
+
+    backend = get_backend(target)
+    threads = int(threads or default_threads())
+    if threads < 1:
+        raise SlimkitError(f"--threads must be at least 1, got {threads}.")
+    if any(int(b) < 1 for b in batch_sizes):
+        raise SlimkitError(f"batch sizes must be at least 1, got {list(batch_sizes)}.")
+    if model is None and onnx_path is None:
+        raise SlimkitError("nothing to measure: give a model or an ONNX file.")
+    example = data.example(2)
+    with tempfile.TemporaryDirectory(prefix="slimkit-profile-") as tmp:
+        result: dict[str, Any] = {"target": target, "threads": threads, "batch_sizes": [int(b) for b in batch_sizes]}
+        if backend.needs_onnx:
+            if onnx_path is None:
+                onnx_path = export_onnx(model, Path(tmp) / "model.onnx", example)
+            onnx_path = Path(onnx_path)
+            stats = graph_stats(onnx_path)
+            result.update(params=stats["params"], nonzero_params=stats["nonzero_params"], macs=stats["macs"],
+                          artifact_bytes=artifact_bytes(onnx_path))
+            runner = backend.prepare(None, onnx_path, threads)
+            static_layers = stats["layers"]
+        else:
+            if model is None:
+                raise SlimkitError(f"target {target} needs the torch model, not only an ONNX file.")
+            deploy = fold_batchnorm(model, example)
+            from safetensors.torch import save
+
+            state = {k: v.detach().contiguous().clone() for k, v in deploy.state_dict().items()}
+            result.update(**count_params(deploy), macs=count_macs(deploy, data.input_shape),
+                          artifact_bytes=len(save(state)))
+            runner = backend.prepare(deploy, None, threads)
+            static_layers = _torch_layers(deploy, data.input_shape)
+        try:
+            x, y = data.split(split)
+            result["accuracy"] = accuracy(runner, x, y)
+            result["latency_ms"] = latency(runner, data, batch_sizes, max_seconds=max_seconds)
+            if with_layers:
+                bs = layers_batch or (int(batch_sizes[0]) if batch_sizes else 1)
+                times = runner.layer_times(_example_batch(data, bs), layer_repeats)
+                result["layers"] = _merge_layers(static_layers, times)
+            else:
+                result["layers"] = []
+        finally:
+            runner.close()
+    return {k: result[k] for k in ("target", "threads", "batch_sizes", "params", "nonzero_params", "macs",
+                                   "artifact_bytes", "accuracy", "latency_ms", "layers")}
+
+
+def _torch_layers(model: nn.Module, input_shape: Sequence[int]) -> dict[str, dict[str, Any]]:
+    macs = layer_macs(model, input_shape)
+    out: dict[str, dict[str, Any]] = {}
+    for name, mod in model.named_modules():
+        if not name or list(mod.children()):
+            continue
+        n = sum(p.numel() for p in mod.parameters(recurse=False))
+        nz = sum(int(torch.count_nonzero(p.detach())) for p in mod.parameters(recurse=False))
+        out[name] = {"type": type(mod).__name__, "params": n, "nonzero_params": nz, "macs": macs.get(name, 0)}
+    return out
+
+
+def _merge_layers(static: dict[str, dict[str, Any]], times: dict[str, float]) -> list[dict[str, Any]]:
+    total = sum(times.values()) or 1.0
+    names = list(static) + [n for n in times if n not in static]
+    rows = []
+    for name in names:
+        s = static.get(name, {})
+        t = times.get(name, 0.0)
+        if not s.get("params") and not s.get("macs") and t / total < 0.005:
+            continue  # skip cheap parameter-free layers (ReLU, Identity...)
+        rows.append({
+            "name": name,
+            "type": s.get("type") or "+".join(s.get("ops", [])) or "-",
+            "params": int(s.get("params", 0)),
+            "nonzero_params": int(s.get("nonzero_params", 0)),
+            "macs": int(s.get("macs", 0)),
+            "time_share": round(t / total, 4),
+        })
+    return rows

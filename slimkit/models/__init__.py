@@ -1,0 +1,357 @@
+"""Loading models safely, saving them so they load again, and the zoo.
+
+A model spec is one of:
+
+- ``zoo:NAME`` or ``zoo:NAME,key=value,...`` (e.g. ``zoo:resnet,width=0.5``): the built-in zoo;
+- ``package.module:function``: your code, called with ``input_shape=`` and ``num_classes=``
+  when it accepts them, returning an ``nn.Module``;
+- ``FILE.pt`` with ``trust_pickle=True``: a fully pickled module. Unpickling runs arbitrary
+  code, so it is refused without the flag.
+
+Weights are a ``.safetensors`` file or a state dict read with ``torch.load(..., weights_only=True)``.
+A model slimkit saved (:func:`save_model`) carries its spec and the structural changes made
+to it (pruned channels, decomposed layers), so :func:`load_model` rebuilds the compressed
+architecture before loading its weights.
+
+>>> model = load_model("zoo:lenet300", input_shape=(1, 8, 8), num_classes=10)
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import pickle
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+
+from .. import _io
+from ..data import import_object
+from ..errors import SlimkitError
+from .zoo import create_model, register_model, zoo_names
+
+__all__ = [
+    "load_model",
+    "save_model",
+    "load_weights",
+    "read_metadata",
+    "create_model",
+    "register_model",
+    "zoo_names",
+    "register_structure_op",
+    "record_structure",
+    "structure_of",
+    "origin_of",
+    "set_origin",
+    "check_fits",
+]
+
+PICKLE_SUFFIXES = {".pt", ".pth", ".pkl", ".pickle", ".bin", ".ckpt"}
+METADATA_KEY = "slimkit"
+FORMAT_VERSION = 1
+
+# ----------------------------------------------------------------------------- origin & structure
+#
+# A model remembers where it came from (its spec and the data shape it was built for) and the
+# structural edits slimkit made to it, so that save_model/load_model round-trip compressed models.
+
+_ORIGIN_ATTR = "_slimkit_origin"
+_STRUCTURE_ATTR = "_slimkit_structure"
+
+_StructureOp = Callable[[nn.Module, dict[str, Any]], None]
+_STRUCTURE_OPS: dict[str, _StructureOp] = {}
+
+
+def register_structure_op(name: str) -> Callable[[_StructureOp], _StructureOp]:
+    """Register ``fn(model, op)`` that re-applies a recorded structural edit (shapes only).
+
+    Methods that change a model's architecture (structured pruning, decomposition) record an
+    op dict ``{"op": name, ...}`` with :func:`record_structure`; loading replays each op on a
+    fresh model so that the saved weights fit it.
+    """
+
+    def deco(fn: _StructureOp) -> _StructureOp:
+        _STRUCTURE_OPS[name] = fn
+        return fn
+
+    return deco
+
+
+def record_structure(model: nn.Module, op: dict[str, Any]) -> None:
+    if "op" not in op or op["op"] not in _STRUCTURE_OPS:
+        raise ValueError(f"structure op {op!r} is not registered")
+    model.__dict__.setdefault(_STRUCTURE_ATTR, []).append(json.loads(json.dumps(op)))
+
+
+def structure_of(model: nn.Module) -> list[dict[str, Any]]:
+    return list(model.__dict__.get(_STRUCTURE_ATTR, []))
+
+
+def set_origin(model: nn.Module, spec: str | None, input_shape: Sequence[int], num_classes: int) -> None:
+    model.__dict__[_ORIGIN_ATTR] = {
+        "model": spec, "input_shape": list(input_shape), "num_classes": int(num_classes)
+    }
+
+
+def origin_of(model: nn.Module) -> dict[str, Any]:
+    return dict(model.__dict__.get(_ORIGIN_ATTR, {}))
+
+
+def _replay(model: nn.Module, ops: list[dict[str, Any]], source: str) -> None:
+    for op in ops:
+        name = op.get("op")
+        if name not in _STRUCTURE_OPS:
+            _import_methods()
+        if name not in _STRUCTURE_OPS:
+            raise SlimkitError(
+                f"{source} was saved after a structural change '{name}' that this slimkit does not know; "
+                "upgrade slimkit to load it."
+            )
+        _STRUCTURE_OPS[name](model, op)
+        record_structure(model, op)
+
+
+def _import_methods() -> None:
+    from .. import methods  # noqa: F401  (registers the methods' structure ops)
+
+
+# ----------------------------------------------------------------------------- building
+
+
+def _parse_zoo(spec: str) -> tuple[str, dict[str, Any]]:
+    body = spec[len("zoo:"):]
+    name, *args = [p.strip() for p in body.split(",")]
+    kwargs: dict[str, Any] = {}
+    for a in args:
+        key, sep, value = a.partition("=")
+        if not sep or not key.isidentifier():
+            raise SlimkitError(f"model spec '{spec}': '{a}' is not key=value (e.g. zoo:resnet,width=0.5).")
+        kwargs[key] = yaml.safe_load(value)
+    return name, kwargs
+
+
+def _looks_like_file(spec: str) -> bool:
+    p = Path(spec)
+    return p.suffix.lower() in PICKLE_SUFFIXES or ("/" in spec and ":" not in spec) or p.is_file()
+
+
+def build_model(spec: str, *, input_shape: Sequence[int], num_classes: int, trust_pickle: bool = False) -> nn.Module:
+    """Build the architecture a spec names (no weights loaded)."""
+    spec = (spec or "").strip()
+    if spec.startswith("zoo:"):
+        name, kwargs = _parse_zoo(spec)
+        model = create_model(name, input_shape=input_shape, num_classes=num_classes, **kwargs)
+    elif _looks_like_file(spec):
+        model = _load_pickled_module(Path(spec), trust_pickle)
+    elif ":" in spec:
+        factory = import_object(spec, what="model factory")
+        if not callable(factory):
+            raise SlimkitError(f"'{spec}' is not callable; it must be a function returning an nn.Module.")
+        params = inspect.signature(factory).parameters
+        accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        kwargs = {}
+        if accepts_any or "input_shape" in params:
+            kwargs["input_shape"] = tuple(input_shape)
+        if accepts_any or "num_classes" in params:
+            kwargs["num_classes"] = int(num_classes)
+        model = factory(**kwargs)
+        if not isinstance(model, nn.Module):
+            raise SlimkitError(f"'{spec}' returned {type(model).__name__}, not a torch.nn.Module.")
+    else:
+        raise SlimkitError(
+            f"unknown model spec '{spec}'. Use zoo:NAME (one of {', '.join(zoo_names())}), "
+            "package.module:function (your factory) or FILE.pt --trust-pickle (a pickled module)."
+        )
+    set_origin(model, spec, input_shape, num_classes)
+    return model
+
+
+def _load_pickled_module(path: Path, trust_pickle: bool) -> nn.Module:
+    if not path.is_file():
+        raise SlimkitError(f"model file {path} does not exist.")
+    if not trust_pickle:
+        raise SlimkitError(
+            f"refusing to load {path}: a fully pickled model is unpickled, and unpickling runs arbitrary code "
+            "from the file. Only if you trust where this file came from, pass --trust-pickle "
+            "(trust_pickle=True). Safer: save a state dict or .safetensors and load it with "
+            "--model zoo:NAME or package.module:function plus --weights FILE."
+        )
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise SlimkitError(f"cannot unpickle {path}: {e}.") from None
+    if not isinstance(obj, nn.Module):
+        raise SlimkitError(
+            f"{path} holds a {type(obj).__name__}, not a pickled nn.Module; if it is a state dict, "
+            "pass it as --weights with a --model that builds the architecture."
+        )
+    return obj
+
+
+# ----------------------------------------------------------------------------- weights
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """slimkit's metadata from a ``.safetensors`` file ({} for other files or foreign files)."""
+    path = Path(path)
+    if path.suffix != ".safetensors" or not path.is_file():
+        return {}
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+    except Exception:
+        return {}
+    try:
+        return json.loads(meta.get(METADATA_KEY, "{}"))
+    except json.JSONDecodeError:
+        return {}
+
+
+def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a state dict without ever unpickling code."""
+    path = Path(path)
+    if not path.is_file():
+        raise SlimkitError(f"weights file {path} does not exist.")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as e:
+            raise SlimkitError(f"{path} is not a readable .safetensors file: {e}.") from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise SlimkitError(
+            f"{path} holds pickled Python objects, not only tensors, so it was not loaded: unpickling runs code. "
+            "If it is a whole pickled model you trust, pass it as --model FILE --trust-pickle; otherwise save "
+            f"its state_dict() or a .safetensors file. (torch said: {str(e).splitlines()[0]})"
+        ) from None
+    except Exception as e:
+        raise SlimkitError(f"{path} is not a PyTorch weights file torch.load can read: {e}.") from None
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model_state_dict", "model"):
+            if key in obj and isinstance(obj[key], dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise SlimkitError(f"{path} does not hold a state dict (a mapping of names to tensors).")
+    return obj
+
+
+def apply_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str, spec: str | None) -> None:
+    """Load ``state`` into ``model``, or explain exactly which keys or shapes do not match."""
+    own = model.state_dict()
+    if own and state and not any(k in own for k in state) and all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}  # saved from DataParallel
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)
+    ]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing key(s), first: {', '.join(missing[:3])}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected key(s), first: {', '.join(unexpected[:3])}")
+        if shapes:
+            parts.append(f"{len(shapes)} shape mismatch(es), first: {'; '.join(shapes[:3])}")
+        raise SlimkitError(
+            f"the weights in {source} do not fit the model {spec or ''}: {'; '.join(parts)}. "
+            "Check that --model builds the architecture these weights were trained for (same zoo "
+            "arguments, same data shape and class count)."
+        )
+    model.load_state_dict(state)
+
+
+def load_model(
+    spec: str | None = None,
+    *,
+    weights: str | Path | None = None,
+    trust_pickle: bool = False,
+    input_shape: Sequence[int] | None = None,
+    num_classes: int | None = None,
+) -> nn.Module:
+    """Build a model from its spec and load its weights, safely.
+
+    With a ``.safetensors`` file saved by slimkit, ``spec``, ``input_shape`` and
+    ``num_classes`` default to the ones stored in it and recorded structural changes are
+    replayed, so a pruned or decomposed model loads as itself.
+    """
+    meta = read_metadata(weights) if weights else {}
+    spec = spec or meta.get("model")
+    if not spec:
+        raise SlimkitError(
+            "no model given: pass --model zoo:NAME, package.module:function or FILE.pt --trust-pickle "
+            + ("(the weights file does not say which architecture it belongs to)." if weights else ".")
+        )
+    input_shape = tuple(input_shape or meta.get("input_shape") or ())
+    num_classes = num_classes or meta.get("num_classes")
+    if not input_shape or not num_classes:
+        raise SlimkitError("load_model needs input_shape and num_classes (from the data) to build the model.")
+    model = build_model(spec, input_shape=input_shape, num_classes=num_classes, trust_pickle=trust_pickle)
+    if weights:
+        if meta.get("structure"):
+            if meta.get("model") not in (None, spec):
+                raise SlimkitError(
+                    f"{weights} holds a compressed '{meta['model']}' model; it cannot be loaded into '{spec}'. "
+                    f"Pass --model {meta['model']} or leave --model out."
+                )
+            _replay(model, meta["structure"], str(weights))
+        apply_weights(model, load_weights(weights), str(weights), spec)
+    return model.eval()
+
+
+def save_model(model: nn.Module, path: str | Path, *, extra: dict[str, Any] | None = None) -> Path:
+    """Write ``model``'s weights to ``path`` (``.safetensors``) atomically, with what rebuilds it."""
+    from safetensors.torch import save
+
+    state: dict[str, torch.Tensor] = {}
+    storages: set[int] = set()
+    for k, v in model.state_dict().items():
+        t = v.detach().cpu().contiguous()
+        storage = t.untyped_storage()
+        # safetensors refuses tensors that share memory: give each its own copy.
+        if t.numel() and (storage.data_ptr() in storages or storage.nbytes() != t.numel() * t.element_size()):
+            t = t.clone()
+        storages.add(t.untyped_storage().data_ptr())
+        state[k] = t
+    meta = {**origin_of(model), "structure": structure_of(model), "format": FORMAT_VERSION, **(extra or {})}
+    data = save(state, metadata={METADATA_KEY: json.dumps(meta)})
+    return _io.write_bytes(path, data)
+
+
+def check_fits(model: nn.Module, input_shape: Sequence[int], num_classes: int, data_name: str, model_name: str = "the model") -> None:
+    """Run one real-shaped batch through ``model``; explain if the data does not fit it."""
+    x = torch.zeros((2, *input_shape))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(x)
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SlimkitError(
+            f"{model_name} does not accept the examples of {data_name}, shaped {tuple(input_shape)}: {msg}. "
+            "Build the model for this data's input shape (zoo models adapt to it)."
+        ) from None
+    finally:
+        model.train(was_training)
+    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != 2:
+        raise SlimkitError(
+            f"{model_name} must return logits shaped (batch, classes); it returned "
+            f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}."
+        )
+    if out.shape[1] != num_classes:
+        raise SlimkitError(
+            f"{model_name} outputs {out.shape[1]} classes but {data_name} has {num_classes}; "
+            "build it with num_classes from the data."
+        )

@@ -1,0 +1,299 @@
+"""The built-in model zoo, written here (no torchvision).
+
+Every factory takes the data's ``input_shape`` (``(C, H, W)`` or ``(features,)``) and
+``num_classes`` and adapts to them, so ``zoo:lenet5`` works on 8x8 digits and on 28x28
+Fashion-MNIST alike.
+
+>>> from slimkit.models import create_model
+>>> create_model("resnet", input_shape=(1, 8, 8), num_classes=10, width=0.5)  # doctest: +ELLIPSIS
+ResNet(...
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import SlimkitError
+
+__all__ = [
+    "register_model",
+    "create_model",
+    "zoo_names",
+    "LeNet300",
+    "LeNet5",
+    "ResNet",
+    "MobileNetV2",
+    "MBV2_STAGES",
+]
+
+_ZOO: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_model(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Register a factory ``fn(input_shape, num_classes, **kwargs) -> nn.Module`` as ``zoo:name``."""
+
+    def deco(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        _ZOO[name] = fn
+        return fn
+
+    return deco
+
+
+def zoo_names() -> list[str]:
+    return sorted(_ZOO)
+
+
+def create_model(name: str, *, input_shape: Sequence[int], num_classes: int, **kwargs: Any) -> nn.Module:
+    """Build the zoo model ``name`` for the given input shape and class count."""
+    if name not in _ZOO:
+        raise SlimkitError(f"unknown zoo model '{name}'; the zoo has: {', '.join(zoo_names())}.")
+    try:
+        return _ZOO[name](input_shape=tuple(input_shape), num_classes=int(num_classes), **kwargs)
+    except TypeError as e:
+        raise SlimkitError(f"zoo:{name} does not take these arguments {sorted(kwargs)}: {e}.") from None
+
+
+def _image_shape(name: str, input_shape: tuple[int, ...]) -> tuple[int, int, int]:
+    if len(input_shape) != 3:
+        raise SlimkitError(
+            f"zoo:{name} is a convolutional network and needs image data shaped (C, H, W); "
+            f"this data has examples of shape {input_shape}. Use zoo:lenet300 for flat features."
+        )
+    return input_shape  # type: ignore[return-value]
+
+
+def _div8(v: float, divisor: int = 8) -> int:
+    """Round a channel count to a multiple of ``divisor`` (MobileNet's make_divisible)."""
+    new = max(divisor, int(v + divisor / 2) // divisor * divisor)
+    if new < 0.9 * v:
+        new += divisor
+    return new
+
+
+# --------------------------------------------------------------------------- LeNet-300-100
+
+
+class LeNet300(nn.Module):
+    """The 784-300-100-10 multilayer perceptron of LeCun et al. (Deep Compression's LeNet-300-100)."""
+
+    def __init__(self, in_features: int = 784, num_classes: int = 10, hidden: Sequence[int] = (300, 100)):
+        super().__init__()
+        h1, h2 = hidden
+        self.fc1 = nn.Linear(in_features, h1)
+        self.relu1 = nn.ReLU()
+        self.fc2 = nn.Linear(h1, h2)
+        self.relu2 = nn.ReLU()
+        self.fc3 = nn.Linear(h2, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.flatten(1)  # (N, C*H*W)
+        return self.fc3(self.relu2(self.fc2(self.relu1(self.fc1(x)))))
+
+
+@register_model("lenet300")
+def lenet300(input_shape: Sequence[int] = (1, 28, 28), num_classes: int = 10, hidden: Sequence[int] = (300, 100)) -> LeNet300:
+    return LeNet300(math.prod(input_shape), num_classes, tuple(hidden))
+
+
+# --------------------------------------------------------------------------- LeNet-5 (Caffe)
+
+
+class LeNet5(nn.Module):
+    """Caffe's LeNet-5 as used by Deep Compression: conv 20, pool, conv 50, pool, fc 500, relu, fc.
+
+    Like the Caffe model there is no non-linearity after the convolutions. Inputs smaller
+    than 16 pixels get padding 2 so the two 5x5 convolutions and pools still fit.
+    """
+
+    def __init__(self, in_channels: int = 1, image_hw: tuple[int, int] = (28, 28), num_classes: int = 10,
+                 channels: Sequence[int] = (20, 50), hidden: int = 500):
+        super().__init__()
+        c1, c2 = channels
+        pad = 2 if min(image_hw) < 16 else 0
+        self.conv1 = nn.Conv2d(in_channels, c1, 5, padding=pad)
+        self.pool1 = nn.MaxPool2d(2)
+        self.conv2 = nn.Conv2d(c1, c2, 5, padding=pad)
+        self.pool2 = nn.MaxPool2d(2)
+        h, w = image_hw
+        for _ in range(2):
+            h, w = (h + 2 * pad - 4) // 2, (w + 2 * pad - 4) // 2
+        if h < 1 or w < 1:
+            raise SlimkitError(f"zoo:lenet5 needs images of at least 8x8 pixels, got {image_hw}.")
+        self.fc1 = nn.Linear(c2 * h * w, hidden)
+        self.relu = nn.ReLU()
+        self.fc2 = nn.Linear(hidden, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool2(self.conv2(self.pool1(self.conv1(x))))
+        return self.fc2(self.relu(self.fc1(x.flatten(1))))  # (N, C*H*W) -> (N, classes)
+
+
+@register_model("lenet5")
+def lenet5(input_shape: Sequence[int] = (1, 28, 28), num_classes: int = 10,
+           channels: Sequence[int] = (20, 50), hidden: int = 500) -> LeNet5:
+    c, h, w = _image_shape("lenet5", tuple(input_shape))
+    return LeNet5(c, (h, w), num_classes, tuple(channels), hidden)
+
+
+# --------------------------------------------------------------------------- ResNet-20 (CIFAR style)
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, in_ch: int, out_ch: int, stride: int = 1, kernel: int = 3):
+        super().__init__()
+        pad = kernel // 2
+        self.conv1 = nn.Conv2d(in_ch, out_ch, kernel, stride, pad, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_ch)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(out_ch, out_ch, kernel, 1, pad, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_ch)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or in_ch != out_ch:  # option B: projection shortcut
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_ch, out_ch, 1, stride, bias=False), nn.BatchNorm2d(out_ch)
+            )
+        self.relu2 = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.bn2(self.conv2(self.relu1(self.bn1(self.conv1(x)))))
+        return self.relu2(out + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    """He et al.'s CIFAR ResNet (3 stages of basic blocks, 16/32/64 channels times ``width``)."""
+
+    def __init__(self, in_channels: int = 3, num_classes: int = 10, width: float = 1.0,
+                 blocks: Sequence[int] = (3, 3, 3), channels: Sequence[int] = (16, 32, 64), kernel: int = 3):
+        super().__init__()
+        if width <= 0:
+            raise SlimkitError(f"zoo:resnet width must be > 0, got {width}.")
+        if len(blocks) != len(channels):
+            raise SlimkitError(f"zoo:resnet needs one block count per stage: blocks={list(blocks)}, channels={list(channels)}.")
+        chans = [max(4, int(round(c * width))) for c in channels]
+        self.conv1 = nn.Conv2d(in_channels, chans[0], 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(chans[0])
+        self.relu = nn.ReLU()
+        in_ch = chans[0]
+        for i, (n, c) in enumerate(zip(blocks, chans)):
+            layers = []
+            for j in range(n):
+                stride = 2 if (i > 0 and j == 0) else 1
+                layers.append(BasicBlock(in_ch, c, stride, kernel))
+                in_ch = c
+            self.add_module(f"layer{i + 1}", nn.Sequential(*layers))
+        self.num_stages = len(blocks)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(in_ch, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.bn1(self.conv1(x)))
+        for i in range(self.num_stages):
+            x = getattr(self, f"layer{i + 1}")(x)
+        return self.fc(self.pool(x).flatten(1))  # (N, C, 1, 1) -> (N, C) -> (N, classes)
+
+
+@register_model("resnet")
+def resnet(input_shape: Sequence[int] = (3, 32, 32), num_classes: int = 10, width: float = 1.0,
+           depth: int = 20, blocks: Sequence[int] | None = None, kernel: int = 3) -> ResNet:
+    """ResNet-``depth`` (6n+2 layers; 20 by default) with a width multiplier."""
+    c, _, _ = _image_shape("resnet", tuple(input_shape))
+    if blocks is None:
+        if (depth - 2) % 6 or depth < 8:
+            raise SlimkitError(f"zoo:resnet depth must be 6n+2 (8, 14, 20, 32, ...), got {depth}.")
+        blocks = ((depth - 2) // 6,) * 3
+    return ResNet(c, num_classes, width, tuple(blocks), kernel=kernel)
+
+
+# --------------------------------------------------------------------------- MobileNetV2 (small)
+
+
+# One dict per stage: expansion ratio, output channels (at width 1), blocks, first stride, kernel.
+MBV2_STAGES: tuple[dict[str, int], ...] = (
+    {"expand": 1, "channels": 16, "blocks": 1, "stride": 1, "kernel": 3},
+    {"expand": 6, "channels": 24, "blocks": 2, "stride": 2, "kernel": 3},
+    {"expand": 6, "channels": 32, "blocks": 3, "stride": 2, "kernel": 3},
+    {"expand": 6, "channels": 64, "blocks": 2, "stride": 2, "kernel": 3},
+    {"expand": 6, "channels": 96, "blocks": 1, "stride": 1, "kernel": 3},
+)
+
+
+def _conv_bn_relu6(in_ch: int, out_ch: int, kernel: int, stride: int = 1, groups: int = 1) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(in_ch, out_ch, kernel, stride, kernel // 2, groups=groups, bias=False),
+        nn.BatchNorm2d(out_ch),
+        nn.ReLU6(),
+    )
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2's block: 1x1 expand, kxk depthwise, 1x1 linear projection, residual if shapes match."""
+
+    def __init__(self, in_ch: int, out_ch: int, stride: int, expand: int, kernel: int = 3):
+        super().__init__()
+        hidden = in_ch * expand
+        layers: list[nn.Module] = []
+        if expand != 1:
+            layers.append(_conv_bn_relu6(in_ch, hidden, 1))
+        layers += [
+            _conv_bn_relu6(hidden, hidden, kernel, stride, groups=hidden),
+            nn.Conv2d(hidden, out_ch, 1, bias=False),
+            nn.BatchNorm2d(out_ch),
+        ]
+        self.conv = nn.Sequential(*layers)
+        self.use_residual = stride == 1 and in_ch == out_ch
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv(x) if self.use_residual else self.conv(x)
+
+
+class MobileNetV2(nn.Module):
+    """A small MobileNetV2 (Sandler et al.) for small images, with a width multiplier.
+
+    ``stages`` (see :data:`MBV2_STAGES`) sets expansion, channels, blocks, stride and kernel
+    per stage; a stride-2 stage only downsamples while the feature map is at least 8 pixels.
+    """
+
+    def __init__(self, in_channels: int = 3, image_hw: tuple[int, int] = (32, 32), num_classes: int = 10,
+                 width: float = 1.0, stages: Sequence[dict[str, int]] = MBV2_STAGES,
+                 stem_channels: int = 32, last_channels: int = 320):
+        super().__init__()
+        if width <= 0:
+            raise SlimkitError(f"zoo:mobilenetv2 width must be > 0, got {width}.")
+        stem = _div8(stem_channels * width)
+        self.stem = _conv_bn_relu6(in_channels, stem, 3, 1)
+        size = min(image_hw)
+        in_ch, blocks = stem, []
+        for i, st in enumerate(stages):
+            unknown = set(st) - {"expand", "channels", "blocks", "stride", "kernel"}
+            if unknown:
+                raise SlimkitError(f"zoo:mobilenetv2 stage {i}: unknown keys {sorted(unknown)}.")
+            out_ch = _div8(st["channels"] * width)
+            for j in range(int(st["blocks"])):
+                stride = st.get("stride", 1) if j == 0 else 1
+                if stride == 2 and size < 8:
+                    stride = 1
+                if stride == 2:
+                    size = (size + 1) // 2
+                blocks.append(InvertedResidual(in_ch, out_ch, stride, int(st["expand"]), int(st.get("kernel", 3))))
+                in_ch = out_ch
+        self.blocks = nn.Sequential(*blocks)
+        last = _div8(last_channels * max(1.0, width))
+        self.head = _conv_bn_relu6(in_ch, last, 1)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(last, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.head(self.blocks(self.stem(x)))
+        return self.classifier(self.pool(x).flatten(1))  # (N, C, 1, 1) -> (N, C)
+
+
+@register_model("mobilenetv2")
+def mobilenetv2(input_shape: Sequence[int] = (3, 32, 32), num_classes: int = 10, width: float = 1.0,
+                stages: Sequence[dict[str, int]] | None = None, last_channels: int = 320) -> MobileNetV2:
+    c, h, w = _image_shape("mobilenetv2", tuple(input_shape))
+    return MobileNetV2(c, (h, w), num_classes, width, tuple(stages or MBV2_STAGES), last_channels=last_channels)
