@@ -1,3 +1,12 @@
-"""Compression methods, one module per family; importing this package registers their steps."""
+"""Compression methods, one module per family; importing this package registers their steps.
 
-from . import core  # noqa: F401  finetune, export
+Every module here is imported (so its ``register_step`` / ``register_space`` /
+``register_structure_op`` calls run); adding a family is adding a module.
+"""
+
+import importlib
+import pkgutil
+
+for _info in sorted(pkgutil.iter_modules(__path__), key=lambda i: (i.name != "core", i.name)):
+    if not _info.name.startswith("_"):
+        importlib.import_module(f"{__name__}.{_info.name}")
