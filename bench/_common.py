@@ -74,7 +74,8 @@ def _locked(path: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def trained(spec: str, data: Any, *, epochs: int, lr: float = 1e-3, seed: int = 0, tag: str = "fmnist"):
+def trained(spec: str, data: Any, *, epochs: int, lr: float = 1e-3, seed: int = 0, tag: str = "fmnist",
+            device: str = "cpu"):
     """A model trained on ``data``, cached in bench/.cache so every benchmark shares one baseline.
 
     Returns ``(model, weights_path, train_report)``. Two scripts asking for the same baseline at
@@ -90,8 +91,8 @@ def trained(spec: str, data: Any, *, epochs: int, lr: float = 1e-3, seed: int = 
     folder = CACHE / f"{safe}-{tag}-e{epochs}-lr{lr}-s{seed}"
     with _locked(CACHE / f"{folder.name}.lock"):
         if not (folder / "train.json").exists():
-            api.train(spec, data, out=folder, config=TrainConfig(epochs=epochs, lr=lr, seed=seed), seed=seed,
-                      overwrite=True)
+            api.train(spec, data, out=folder, config=TrainConfig(epochs=epochs, lr=lr, seed=seed, device=device),
+                      seed=seed, overwrite=True)
     model = load_model(spec, weights=folder / "model.safetensors", input_shape=data.input_shape,
                        num_classes=data.num_classes)
     return model, folder / "model.safetensors", json.loads((folder / "train.json").read_text())
@@ -106,10 +107,14 @@ BASELINES: dict[str, dict[str, Any]] = {
 }
 
 
-def baseline(name: str, data: Any):
-    """The cached Fashion-MNIST baseline ``name`` (see BASELINES): (model, weights path, train report)."""
+def baseline(name: str, data: Any, device: str = "cpu"):
+    """The cached Fashion-MNIST baseline ``name`` (see BASELINES): (model, weights path, train report).
+
+    ``device`` only matters when the baseline is not cached yet (``bench.baselines --device cuda``
+    trains them on a GPU); every later use loads the cached weights on the CPU.
+    """
     b = BASELINES[name]
-    return trained(b["spec"], data, epochs=b["epochs"])
+    return trained(b["spec"], data, epochs=b["epochs"], device=device)
 
 
 def side_by_side(artifacts: dict[str, Path], data: Any, batch_sizes: Sequence[int], *, threads: int = 2,

@@ -55,6 +55,7 @@ class TrainConfig:
     ``temperature`` and ``alpha`` apply when a teacher is given: the loss is
     ``alpha * T^2 * KL(student/T || teacher/T) + (1 - alpha) * cross-entropy``.
     ``max_batches``: cap on batches per epoch (None: the whole training split), for quick trials.
+    ``device``: where to train (``cpu``, ``cuda``...); the model comes back on the device it came from.
     """
 
     epochs: int = 10
@@ -69,6 +70,7 @@ class TrainConfig:
     alpha: float = 0.7
     max_batches: int | None = None
     seed: int = 0
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
         check(self.epochs >= 0, "epochs", f"must be >= 0, got {self.epochs}")
@@ -82,6 +84,8 @@ class TrainConfig:
         check(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")
         check(0 <= self.alpha <= 1, "alpha", f"must be in [0, 1], got {self.alpha}")
         check(self.max_batches is None or self.max_batches >= 1, "max_batches", f"must be >= 1 or null, got {self.max_batches}")
+        check(self.device == "cpu" or self.device.split(":")[0] in ("cuda", "mps"), "device",
+              f"got '{self.device}'; use cpu, cuda, cuda:N or mps")
 
 
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor,
@@ -97,8 +101,10 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 51
     """Top-1 accuracy of ``model`` on ``(x, y)`` (eval mode, no gradients)."""
     was = model.training
     model.eval()
+    dev = next((p.device for p in model.parameters()), torch.device("cpu"))
     with torch.no_grad():
-        correct = sum(int((model(x[i : i + batch]).argmax(1) == y[i : i + batch]).sum()) for i in range(0, len(x), batch))
+        correct = sum(int((model(x[i : i + batch].to(dev)).argmax(1).cpu() == y[i : i + batch]).sum())
+                      for i in range(0, len(x), batch))
     model.train(was)
     return correct / max(len(x), 1)
 
@@ -142,7 +148,14 @@ def fit(
     hooks = list(hooks)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    x_train, y_train = data.x_train, data.y_train
+    device = torch.device(cfg.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        from .errors import ConfigError
+
+        raise ConfigError("CUDA is not available on this machine; train with device: cpu", field="device")
+    home = next((p.device for p in model.parameters()), torch.device("cpu"))
+    model.to(device)
+    x_train, y_train = data.x_train.to(device), data.y_train.to(device)
     n = len(x_train)
     steps_per_epoch = max(1, n // cfg.batch_size + (n % cfg.batch_size > 1))
     if cfg.max_batches:
@@ -150,8 +163,9 @@ def fit(
     total_steps = steps_per_epoch * cfg.epochs
     opt = _optimizer(model, cfg)
     base_lrs = [g["lr"] for g in opt.param_groups]
+    teacher_home = next((p.device for p in teacher.parameters()), home) if teacher is not None else home
     if teacher is not None:
-        teacher.eval()
+        teacher.eval().to(device)
         for p in teacher.parameters():
             p.requires_grad_(False)
 
@@ -168,7 +182,7 @@ def fit(
         for epoch in range(1, cfg.epochs + 1):
             t0 = time.perf_counter()
             model.train()
-            perm = torch.randperm(n, generator=gen)
+            perm = torch.randperm(n, generator=gen).to(device)
             running, seen = 0.0, 0
             for b in range(steps_per_epoch):
                 idx = perm[b * cfg.batch_size : (b + 1) * cfg.batch_size]
@@ -212,6 +226,9 @@ def fit(
                 break
     if best_state is not None:
         model.load_state_dict(best_state)
+    model.to(home)
+    if teacher is not None:
+        teacher.to(teacher_home)
     _call(hooks, "on_train_end", model)
     model.eval()
     return {
