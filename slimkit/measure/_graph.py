@@ -98,6 +98,8 @@ def _shapes(model: Any) -> dict[str, list[int]]:
             out[vi.name] = [d.dim_value if d.dim_value > 0 else 1 for d in t.shape.dim]
     for init in m.graph.initializer:
         out[init.name] = list(init.dims)
+    for sparse in m.graph.sparse_initializer:  # stored sparse (values + indices)
+        out[sparse.values.name] = list(sparse.dims)
     return out
 
 
@@ -183,6 +185,10 @@ def graph_stats(path: str | Path) -> dict[str, Any]:
         if arr.size == 1 and "." not in name:
             continue  # a constant of the graph (e.g. ReLU6's bounds), not a torch parameter
         params[name] = (int(arr.size), int(np.count_nonzero(arr)))
+    for sparse in g.sparse_initializer:  # a weight stored sparse: its full size, its stored non-zeros
+        if sparse.values.data_type in _param_dtypes():
+            values = numpy_helper.to_array(sparse.values)
+            params[sparse.values.name] = (int(math.prod(sparse.dims)), int(np.count_nonzero(values)))
 
     shapes = _shapes(model)
     layers: dict[str, dict[str, Any]] = defaultdict(lambda: {"params": 0, "nonzero_params": 0, "macs": 0, "ops": []})

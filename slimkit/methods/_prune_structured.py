@@ -1,0 +1,356 @@
+"""Structured channel pruning on Torch-Pruning's dependency graph, made safe for unseen models.
+
+Torch-Pruning traces the model once and groups every layer whose channels are coupled
+(a residual add ties the convolutions feeding it; a depthwise convolution ties its input and
+output channels; a concatenation maps channel ranges). Removing a group's channels keeps the
+model valid. A model the graph does not fully understand (a hard-coded ``view``, an op with a
+fixed channel count) can still break after a group is pruned: every group is pruned on a
+trial copy first, the copy is run on a real batch, and a group whose pruning breaks the
+forward pass is left out and named in the report. Only then does the real model take the
+pruned structure.
+
+The pruned architecture is recorded with :func:`slimkit.models.record_structure` (op
+``prune_channels``: new shapes of every changed module) so ``save_model`` / ``load_model``
+rebuild it.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConfigError, SlimkitError
+from ..models import record_structure, register_structure_op
+from ._prune_masks import FilterFn, match_names
+
+IMPORTANCES = ("l1", "l2", "taylor", "bn-scale")
+TAYLOR_BATCHES = 4  # training batches whose gradients score channels for Taylor importance
+_MAX_RETRIES = 32
+
+
+def _tp():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import torch_pruning as tp
+    return tp
+
+
+def root_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Layers whose output channels can root a pruning group (conv and linear), by name."""
+    return {n: m for n, m in model.named_modules()
+            if n and isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))}
+
+
+def classifier_of(model: nn.Module, example: torch.Tensor) -> str | None:
+    """The layer that produces the logits: the last conv/linear run whose outputs number the classes."""
+    roots = root_layers(model)
+    order: list[tuple[str, int]] = []
+    handles = [m.register_forward_hook(lambda mod, inp, out, n=n: order.append((n, out.shape[1] if out.dim() > 1 else -1)))
+               for n, m in roots.items()]
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(example)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was)
+    classes = out.shape[1] if isinstance(out, torch.Tensor) and out.dim() > 1 else None
+    for name, channels in reversed(order):
+        if channels == classes:
+            return name
+    return order[-1][0] if order else None
+
+
+def _importance(kind: str):
+    tp = _tp()
+    if kind == "l1":
+        return tp.importance.MagnitudeImportance(p=1)
+    if kind == "l2":
+        return tp.importance.MagnitudeImportance(p=2)
+    if kind == "taylor":
+        return tp.importance.TaylorImportance()
+    return tp.importance.BNScaleImportance()
+
+
+def _taylor_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 128) -> None:
+    """Accumulate the loss gradient of ``TAYLOR_BATCHES`` real training batches (eval mode: BN stats untouched)."""
+    model.eval()
+    model.zero_grad(set_to_none=True)
+    for i in range(TAYLOR_BATCHES):
+        xb, yb = x[i * batch : (i + 1) * batch], y[i * batch : (i + 1) * batch]
+        if len(xb) == 0:
+            break
+        F.cross_entropy(model(xb), yb).backward()
+
+
+def _shape_snapshot(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """Per module: its own parameter / buffer shapes and its int (or int tuple) attributes."""
+    snap = {}
+    for name, mod in model.named_modules():
+        attrs = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(mod).items()
+                 if not k.startswith("_") and (isinstance(v, int) and not isinstance(v, bool)
+                                               or isinstance(v, tuple) and all(isinstance(i, int) for i in v))}
+        snap[name] = {
+            "attrs": attrs,
+            "params": {k: list(p.shape) for k, p in mod._parameters.items() if p is not None},
+            "buffers": {k: list(b.shape) for k, b in mod._buffers.items() if b is not None},
+        }
+    return snap
+
+
+def _changes(before: Mapping[str, Any], after: Mapping[str, Any]) -> dict[str, Any]:
+    out = {}
+    for name, a in after.items():
+        b = before.get(name)
+        if b is None or a == b:
+            continue
+        out[name] = {
+            "attrs": {k: v for k, v in a["attrs"].items() if b["attrs"].get(k) != v},
+            "params": {k: v for k, v in a["params"].items() if b["params"].get(k) != v},
+            "buffers": {k: v for k, v in a["buffers"].items() if b["buffers"].get(k) != v},
+        }
+    return out
+
+
+@register_structure_op("prune_channels")
+def _replay_prune_channels(model: nn.Module, op: dict[str, Any]) -> None:
+    """Give every recorded module its pruned shapes (the weights are loaded after)."""
+    for name, change in op["modules"].items():
+        try:
+            mod = model.get_submodule(name) if name else model
+        except AttributeError:
+            raise SlimkitError(f"the saved pruned model changes layer '{name}', which this model does not have.") from None
+        for k, v in change["attrs"].items():
+            setattr(mod, k, tuple(v) if isinstance(getattr(mod, k, None), tuple) else v)
+        for k, shape in change["params"].items():
+            old = mod._parameters[k]
+            mod._parameters[k] = nn.Parameter(torch.zeros(shape, dtype=old.dtype), requires_grad=old.requires_grad)
+        for k, shape in change["buffers"].items():
+            old = mod._buffers[k]
+            mod._buffers[k] = torch.zeros(shape, dtype=old.dtype)
+
+
+def channel_groups(model: nn.Module, example: torch.Tensor, ignored: set[str] = frozenset()) -> dict[str, dict[str, Any]]:
+    """Torch-Pruning's channel groups, by root layer: ``coupled`` (the layers whose output channels
+    go with the root's), ``channels`` (how many) and ``params`` (parameters of every layer touched)."""
+    tp = _tp()
+    modules = dict(model.named_modules())
+    names = {m: n for n, m in modules.items()}
+    was = model.training
+    model.eval()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dg = tp.DependencyGraph().build_dependency(model, example_inputs=example)
+            groups = {}
+            for group in dg.get_all_groups(ignored_layers=[modules[n] for n in ignored],
+                                           root_module_types=[nn.modules.conv._ConvNd, nn.Linear]):
+                root = group[0].dep.target.module
+                touched = {names[dep.target.module] for dep, _ in group if dep.target.module in names}
+                groups[names[root]] = {
+                    "coupled": sorted(names[dep.target.module] for dep, _ in group
+                                      if dg.is_out_channel_pruning_fn(dep.handler) and dep.target.module in names),
+                    "channels": int(dg.get_out_channels(root)),
+                    "params": sum(p.numel() for n in touched for p in modules[n].parameters(recurse=False)),
+                }
+    except Exception as e:
+        raise SlimkitError(f"Torch-Pruning cannot trace this model for structured pruning: {_first_line(e)}. "
+                           "Prune it unstructured instead.") from None
+    finally:
+        model.train(was)
+    return groups
+
+
+def kept_channels(channels: int, ratio: float, round_to: int) -> int:
+    """Channels a layer keeps at ``ratio``: the nearest multiple of ``round_to`` (at least one multiple);
+    a layer with fewer channels than ``round_to`` is rounded to whole channels only."""
+    kept = channels * (1 - ratio)
+    if round_to > 1 and channels >= round_to:
+        return min(channels, max(round_to, int(round(kept / round_to)) * round_to))
+    return min(channels, max(1, int(round(kept))))
+
+
+def _layer_plan(model: nn.Module, example: torch.Tensor, ratio: float, layers: Mapping[str, float],
+                round_to: int, ignored: set[str]) -> dict[str, float]:
+    """Per group root, the ratio that leaves exactly :func:`kept_channels` (a group takes the ratio
+    given to any of its layers in ``layers``, else ``ratio``)."""
+    plan = {}
+    for root, g in channel_groups(model, example, ignored).items():
+        r = next((layers[m] for m in [root, *g["coupled"]] if m in layers), ratio)
+        kept = kept_channels(g["channels"], r, round_to)
+        # Torch-Pruning keeps int(n * (1 - ratio)) channels: aim half a channel above to be exact
+        plan[root] = 0.0 if kept >= g["channels"] else 1 - (kept + 0.5) / g["channels"]
+    return plan
+
+
+def _channels(model: nn.Module) -> dict[str, int]:
+    out = {}
+    for n, m in root_layers(model).items():
+        out[n] = m.out_channels if isinstance(m, nn.modules.conv._ConvNd) else m.out_features
+    return out
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return (text[0] if text else type(e).__name__)[:200]
+
+
+def prune_channels_(
+    model: nn.Module,
+    *,
+    ratio: float,
+    layers: Mapping[str, float],
+    importance: str,
+    round_to: int,
+    skip: list[str],
+    scope: str,
+    example: torch.Tensor,
+    data: Any = None,
+    filter_fn: FilterFn | None = None,
+) -> dict[str, Any]:
+    """Remove channels from ``model`` in place (see :class:`slimkit.methods.prune.Structured`)."""
+    roots = root_layers(model)
+    if not roots:
+        raise SlimkitError("structured pruning removes channels of convolution and linear layers; this model has none.")
+    unknown = [n for n in layers if n not in roots]
+    if unknown:
+        raise ConfigError(f"unknown layer name '{unknown[0]}'; the model's conv and linear layers are: "
+                          f"{', '.join(list(roots)[:30])}", field="layers")
+    if importance == "bn-scale" and not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        raise ConfigError("'bn-scale' scores channels by the scale of the batch norm after them, and this model has "
+                          "no batch norm; use l1, l2 or taylor", field="importance")
+    if importance == "taylor" and data is None:
+        raise SlimkitError("Taylor importance needs gradients on real training batches: pass data=.")
+    skipped: dict[str, str] = {n: "skipped by name" for n in match_names(skip, roots, "skip", "conv and linear layers")}
+    head = classifier_of(model, example)
+    if head is not None and head not in skipped:
+        skipped[head] = "the classifier (its outputs are the classes)"
+    if filter_fn is not None:
+        for n, m in roots.items():
+            if n not in skipped and not filter_fn(m, n):
+                skipped[n] = "left out by filter_fn"
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        reference = model(example)
+    before_shapes = _shape_snapshot(model)
+    before_channels = _channels(model)
+
+    if scope == "layer":  # exact per-group channel counts, rounded to the nearest multiple
+        layers, ratio, round_to = _layer_plan(model, example, ratio, layers, round_to, set(skipped)), 0.0, 1
+    failed: dict[str, str] = {}
+    check_each = False  # one forward check at the end; group by group only once something broke
+    removed: dict[str, list[int]] = {}
+    for _ in range(_MAX_RETRIES):
+        trial = copy.deepcopy(model)
+        broken = _try_prune(trial, ratio, layers, importance, round_to, scope, example, data,
+                            set(skipped) | set(failed), reference.shape, check_each, removed)
+        if broken is None:
+            break
+        if broken[0] is not None:
+            failed[broken[0]] = broken[1]
+        check_each = True
+    else:
+        raise SlimkitError(f"structured pruning kept breaking this model ({len(failed)} layers left out: "
+                           f"{', '.join(failed)}); prune it unstructured instead.")
+    model.__dict__.update({k: v for k, v in trial.__dict__.items() if not k.startswith("_slimkit")})
+    model.zero_grad(set_to_none=True)
+    model.train(was_training)
+
+    changes = _changes(before_shapes, _shape_snapshot(model))
+    if changes:
+        record_structure(model, {"op": "prune_channels", "modules": changes})
+    after_channels = _channels(model)
+    return {
+        "channels": {n: [before_channels[n], after_channels.get(n, before_channels[n])] for n in before_channels},
+        "pruned_layers": sorted(n for n in before_channels if after_channels.get(n) != before_channels[n]),
+        "removed_channels": removed,
+        "skipped": {**skipped, **{n: f"cannot be pruned: {why}" for n, why in failed.items()}},
+    }
+
+
+def _try_prune(model: nn.Module, ratio: float, layers: Mapping[str, float], importance: str, round_to: int,
+               scope: str, example: torch.Tensor, data: Any, ignored: set[str], out_shape: torch.Size,
+               check_each: bool, removed: dict[str, list[int]]) -> tuple[str | None, str] | None:
+    """Prune ``model``; ``None`` if it still runs, else ``(root layer of the group that broke it, why)``.
+
+    Without ``check_each`` the model is run once at the end, and a failure names no layer. On
+    success ``removed`` receives the output channels removed, by root layer.
+    """
+    tp = _tp()
+    modules = dict(model.named_modules())
+    names = {m: n for n, m in modules.items()}
+    if importance == "taylor":
+        _taylor_gradients(model, data.x_train, data.y_train)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pruner = tp.pruner.MetaPruner(
+                model, example, importance=_importance(importance), pruning_ratio=ratio,
+                pruning_ratio_dict={modules[n]: r for n, r in layers.items()},
+                ignored_layers=[modules[n] for n in ignored],
+                round_to=round_to if round_to > 1 else None,
+                global_pruning=scope == "global", max_pruning_ratio=0.9 if scope == "global" else 1.0,
+            )
+    except Exception as e:
+        raise SlimkitError(f"Torch-Pruning cannot trace this model for structured pruning: {_first_line(e)}. "
+                           "Prune it unstructured instead.") from None
+
+    def runs() -> None:
+        out = model(example)
+        if not isinstance(out, torch.Tensor) or out.shape != out_shape:
+            raise RuntimeError("the output changed shape to "
+                               f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}")
+
+    with torch.no_grad():
+        for group in pruner.step(interactive=True):
+            root = names.get(group[0].dep.target.module, "?")
+            misaligned = _misaligned_groups(group, pruner.DG, names)
+            if misaligned:
+                return root, misaligned
+            try:
+                group.prune()
+                if check_each:
+                    runs()
+            except Exception as e:
+                return root, _first_line(e)
+        if not check_each:
+            try:
+                runs()
+            except Exception as e:
+                return None, _first_line(e)
+    model.zero_grad(set_to_none=True)
+    removed.update({name: sorted(int(i) for i in idxs) for name, is_out, idxs in pruner.DG.pruning_history() if is_out})
+    return None
+
+
+def _misaligned_groups(group: Any, dg: Any, names: dict[nn.Module, str]) -> str | None:
+    """Why a group cannot be pruned correctly, if it reaches a grouped convolution out of step.
+
+    Torch-Pruning cuts a grouped convolution's input channels by position within its groups,
+    which is right only when every group loses the same positions. Channels arriving through
+    a concatenation need not line up with the groups; pruning them would silently scramble
+    which inputs each group sees.
+    """
+    for dep, idxs in group:
+        mod = dep.target.module
+        if not (dg.is_in_channel_pruning_fn(dep.handler) and isinstance(mod, nn.modules.conv._ConvNd)
+                and 1 < mod.groups < mod.in_channels):
+            continue
+        size = mod.in_channels // mod.groups
+        per_group: list[set[int]] = [set() for _ in range(mod.groups)]
+        for i in idxs:
+            i = int(getattr(i, "idx", i))
+            per_group[i // size].add(i % size)
+        if any(g != per_group[0] for g in per_group):
+            return (f"its channels reach the grouped convolution '{names.get(mod, '?')}' out of step with its "
+                    f"{mod.groups} groups")
+    return None
