@@ -99,8 +99,11 @@ def profile(
     from .report import layers_table, profile_table
 
     _console.set_quiet(as_json)
-    if model is None and onnx is None:
-        raise SlimkitError("give --model (with --weights) or --onnx FILE to profile.")
+    if model is None and onnx is None and weights is None:
+        raise SlimkitError("give --model (with --weights), --weights of a model slimkit saved, or --onnx FILE to profile.")
+    if model and model.startswith("zoo:") and weights is None:
+        _console.info("note: no --weights given, so the zoo model is measured with its initial (untrained) "
+                      "weights; accuracy will be near chance.")
     p = _profile(model, data, weights=weights, trust_pickle=trust_pickle, onnx=onnx, target=target,
                  batch_sizes=parse_batches(batch), threads=threads, seed=seed, max_seconds=max_seconds)
     if as_json:
@@ -147,11 +150,13 @@ def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Where the demo writes its results.")] = Path("runs/demo"),
     epochs: Annotated[int, typer.Option(help="Epochs to train lenet5 on digits first.")] = 15,
     threads: ThreadsOpt = None,
+    trials: Annotated[int, typer.Option("--trials", "-n", help="Trials of the search.")] = 12,
+    timeout: Annotated[float, typer.Option("--timeout", help="Start no new trial after this many seconds.")] = 150.0,
 ) -> None:
-    """Train lenet5 on digits, compress it with the default recipe, print before/after."""
+    """Train lenet5 on digits, search for the fastest model within 1 point of accuracy, print before/after."""
     from .api import demo as _demo
 
-    _demo(out, epochs=epochs, threads=threads)
+    _demo(out, epochs=epochs, threads=threads, trials=trials, timeout=timeout)
 
 
 @app.command()

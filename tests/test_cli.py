@@ -39,6 +39,8 @@ def test_profile_json(cli, trained):
     assert p["threads"] == 1 and p["accuracy"] > 0.5
     tables = cli("profile", "--model", "zoo:lenet5", "--weights", weights, "--target", "torch-cpu", "--max-seconds", "0.1")
     assert tables.code == 0 and "per layer" in tables.out and "conv2" in tables.out
+    alone = cli("profile", "--weights", weights, "--json", "--batch", "1", "--max-seconds", "0.1")  # spec inside
+    assert alone.code == 0 and json.loads(alone.out)["params"] == p["params"]
 
 
 def test_apply_writes_artifacts_and_measures_both(cli, trained, recipe, tmp_path, digits):
@@ -134,8 +136,9 @@ def test_steps_lists_registered_steps(cli):
 
 def test_demo_runs_twice(cli, tmp_path):
     for _ in range(2):
-        r = cli("demo", "--out", tmp_path / "demo", "--epochs", "3")
+        r = cli("demo", "--out", tmp_path / "demo", "--epochs", "3", "--trials", "2")
         assert r.code == 0, r
         assert "before/after" in r.out or "slimkit demo" in r.out or "slimkit demo" in r.err
     res = json.loads((tmp_path / "demo" / "result.json").read_text())
-    assert res["result"]["accuracy"] > 0.5 and (tmp_path / "demo" / "model.onnx").exists()
+    assert res["result"]["accuracy"] > 0.5 and (tmp_path / "demo" / "best.onnx").exists()
+    assert res["trials"]["total"] == 2 and "report.html" in r.err + r.out  # a fresh search each time
