@@ -16,6 +16,17 @@ def set_quiet(quiet: bool) -> None:
     _quiet = quiet
 
 
+@contextlib.contextmanager
+def muted():
+    """Silence messages and progress inside the block (e.g. the steps of one search trial)."""
+    global _quiet
+    old, _quiet = _quiet, True
+    try:
+        yield
+    finally:
+        _quiet = old
+
+
 def info(message: str) -> None:
     if not _quiet:
         console.print(message)

@@ -187,11 +187,13 @@ def apply(
     layers: bool = True,
     epoch_callbacks: Sequence[Any] = (),
     measure_baseline: bool = True,
+    split: str = "test",
 ) -> ApplyResult:
     """Run a recipe on a copy of the model, export, and measure the artifact on the target.
 
     With ``out``, writes ``model.onnx``, ``model.safetensors`` and ``result.json`` there
-    (each atomically; ``result.json`` last). The input model is never changed.
+    (each atomically; ``result.json`` last). The input model is never changed. ``split``
+    names the data split the result's accuracy is measured on (the search uses ``"val"``).
 
     >>> res = apply([{"finetune": {"epochs": 1}}, "export"], "zoo:lenet300", "digits", max_seconds=0.2)
     >>> sorted(res.report)[:3]
@@ -206,6 +208,7 @@ def apply(
     out_dir = _io.prepare_out_dir(out, overwrite=overwrite, inputs=[weights, model if isinstance(model, str) else None]) if out else None
     net = resolve_model(model if isinstance(model, str) else copy.deepcopy(model), bundle,
                         weights=weights, trust_pickle=trust_pickle)
+    recipe.check_model(net)  # e.g. unknown layer names: before the baseline is measured
     threads = int(threads or default_threads())
     baseline = None
     if measure_baseline:
@@ -219,6 +222,7 @@ def apply(
                       batch_sizes=tuple(int(b) for b in batch_sizes), teacher=teacher,
                       epoch_callbacks=list(epoch_callbacks), max_seconds=max_seconds)
         run_recipe(recipe, ctx)
+        net = ctx.model  # a step may replace the model (e.g. distill with a student architecture)
         if ctx.onnx_path is None:  # every result is measured on an exported artifact
             from .methods.core import export_step
 
@@ -226,12 +230,13 @@ def apply(
         with _console.status(f"measuring the result on {target}"):
             result = _profile(net if target != "ort-cpu" else None, bundle, target=target,
                               batch_sizes=batch_sizes, threads=threads, onnx_path=ctx.onnx_path,
-                              max_seconds=max_seconds, layers=layers)
+                              max_seconds=max_seconds, layers=layers, split=split)
         report = {
             "model": model if isinstance(model, str) else type(model).__name__,
             "weights": str(weights) if weights else None,
             "data": bundle.name,
             "batch_sizes": [int(b) for b in batch_sizes],
+            "split": split,
             "recipe": recipe.to_data(),
             "baseline": baseline,
             "result": result,
@@ -245,6 +250,9 @@ def apply(
             save_model(net, out_dir / "model.safetensors")
             report["files"] = {"onnx": str(onnx_final), "weights": str(out_dir / "model.safetensors"),
                                "report": str(out_dir / "result.json")}
+            for fname, src in ctx.extra.get("outputs", {}).items():  # files a step made, e.g. model.slim
+                _io.atomic_write(out_dir / fname, lambda tmp, src=src: shutil.copyfile(src, tmp))
+                report["files"][fname] = str(out_dir / fname)
             _io.write_json(out_dir / "result.json", report)
             onnx_path = onnx_final
         else:
@@ -259,21 +267,36 @@ def apply(
 # ----------------------------------------------------------------------------- demo
 
 
-DEMO_RECIPE = [{"finetune": {"epochs": 2}}, {"export": {}}]
+# The demo's budget: lose at most 1 point of validation accuracy; best = fastest at batch 1 and 64.
+DEMO_BUDGET = {"max_accuracy_drop": 0.01}
 
 
-def demo(out: str | Path = "runs/demo", *, epochs: int = 15, threads: int | None = None,
-         max_seconds: float = 1.0) -> ApplyResult:
-    """Train ``lenet5`` on ``digits``, apply the default recipe, print before/after (``runs/demo``)."""
+def demo(out: str | Path = "runs/demo", *, epochs: int = 15, threads: int | None = None, trials: int = 12,
+         timeout: float | None = 150.0, max_seconds: float = 0.3) -> Any:
+    """Train ``lenet5`` on ``digits``, then ``compress`` it within the default budget (``runs/demo``).
+
+    Searches every registered method for ``trials`` trials (no new trial starts after
+    ``timeout`` seconds), prints the before/after table and the report's path.
+
+    >>> res = demo("runs/demo", trials=4)  # doctest: +SKIP
+    >>> res.report["result"]["accuracy"] > 0.9  # doctest: +SKIP
+    True
+    """
     from .report import compare_table
+    from .search import compress
 
     out = Path(out)
     data = load_data("digits")
     _console.info(f"[bold]slimkit demo[/bold]: lenet5 on {data.describe()}")
     trained = train("zoo:lenet5", data, epochs=epochs, out=out / "trained", overwrite=True)
-    _console.info(f"trained lenet5: test accuracy {trained.report['test_accuracy']:.4f}")
-    res = apply(DEMO_RECIPE, "zoo:lenet5", data, weights=out / "trained" / "model.safetensors",
-                target="ort-cpu", out=out, overwrite=True, threads=threads, max_seconds=max_seconds)
-    _console.console.print(compare_table(res.report["baseline"], res.report["result"], title="slimkit demo"))
-    _console.info(f"results in {out}/ (model.onnx, model.safetensors, result.json)")
+    _console.info(f"trained lenet5: test accuracy {trained.report['test_accuracy']:.4f}; searching for the fastest "
+                  f"model that loses at most 1 point of validation accuracy ({trials} trials)")
+    res = compress("zoo:lenet5", data, weights=out / "trained" / "model.safetensors", target="ort-cpu",
+                   batch_sizes=(1, 64), threads=threads, objective="latency", trials=trials, timeout=timeout, out=out,
+                   overwrite=True, max_seconds=max_seconds, **DEMO_BUDGET)
+    best = res.report["best"]
+    _console.console.print(compare_table(res.report["baseline"], res.report["result"],
+                                         title=f"slimkit demo: baseline / best (trial {best['trial']}, test split)"))
+    _console.info(f"results in {out}/ (best.onnx, best.safetensors, best_recipe.yaml, trials.csv, result.json)")
+    _console.console.print(f"report: {out / 'report.html'}", soft_wrap=True)
     return res

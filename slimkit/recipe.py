@@ -204,6 +204,16 @@ class Recipe:
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_data(), sort_keys=False)
 
+    def check_model(self, model: nn.Module) -> None:
+        """Run each config's ``check_model(model)`` (e.g. layer names exist), before any work."""
+        for i, step in enumerate(self.steps, 1):
+            check_model = getattr(step.config, "check_model", None)
+            if callable(check_model):
+                try:
+                    check_model(model)
+                except ConfigError as e:
+                    raise e.located(f"recipe step {i} '{step.name}'") from None
+
     def validate(self, target: str | None = None, initial: Iterable[str] = ()) -> None:
         """Reject an invalid order (or a step the target cannot run) before any work, saying why."""
         state: dict[str, str] = {flag: "the input model" for flag in initial}
@@ -234,7 +244,10 @@ class Context:
     ``model`` is changed in place by torch-level steps; ``onnx_path`` is set by ``export`` and
     replaced by ONNX-level steps (e.g. static INT8). ``teacher`` is a frozen copy of the model
     as it was before the recipe, used for distillation. ``hooks`` are training hooks that
-    stay active for every later fine-tune (e.g. pruning masks).
+    stay active for every later fine-tune (e.g. pruning masks). ``extra`` is free-form; two keys
+    are read by the spine: ``"export_transform"``, ``fn(ctx, float_onnx) -> (onnx, report)`` that
+    ``export`` applies to its float export (QAT turns it into integer QDQ), and ``"outputs"``,
+    ``{file name: path}`` that ``apply(out=DIR)`` copies into DIR (e.g. ``model.slim``).
     """
 
     model: nn.Module
@@ -268,6 +281,7 @@ class Context:
 def run_recipe(recipe: Recipe, ctx: Context) -> list[dict[str, Any]]:
     """Run every step on ``ctx`` in order; each step's report is appended to ``ctx.reports``."""
     recipe.validate(ctx.target, ctx.state)
+    recipe.check_model(ctx.model)
     n = len(recipe.steps)
     for i, step in enumerate(recipe.steps, 1):
         spec = get_step(step.name)

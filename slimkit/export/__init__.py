@@ -29,7 +29,7 @@ from torch import nn
 from .. import _io
 from ..errors import ExportError
 
-__all__ = ["export_onnx", "fold_batchnorm", "parity", "ort_session"]
+__all__ = ["export_onnx", "fold_batchnorm", "batchnorm_pairs", "parity", "ort_session"]
 
 _CONV_OPS = {"aten.conv1d.default", "aten.conv2d.default", "aten.conv3d.default", "aten.linear.default"}
 _BN_OPS = {"aten.batch_norm.default", "aten._native_batch_norm_legit_no_training.default"}
@@ -71,14 +71,34 @@ def fold_batchnorm(model: nn.Module, example: torch.Tensor) -> nn.Module:
     the same function. The original model is not changed.
     """
     m = copy.deepcopy(model).eval()
-    if not any(isinstance(x, nn.modules.batchnorm._BatchNorm) for x in m.modules()):
-        _drop_zero_biases(m)
-        return m
+    modules = dict(m.named_modules())
+    for conv_name, bn_name in batchnorm_pairs(m, example):
+        conv, bn = modules[conv_name], modules[bn_name]
+        if isinstance(conv, nn.modules.conv._ConvNd) and not conv.transposed:
+            fused = torch.nn.utils.fusion.fuse_conv_bn_eval(conv, bn)
+        elif isinstance(conv, nn.Linear):
+            fused = torch.nn.utils.fusion.fuse_linear_bn_eval(conv, bn)
+        else:
+            continue
+        _set_module(m, conv_name, fused)
+        _set_module(m, bn_name, nn.Identity())
+    _drop_zero_biases(m)
+    return m
+
+
+def batchnorm_pairs(model: nn.Module, example: torch.Tensor) -> list[tuple[str, str]]:
+    """``(conv or linear, batch norm)`` module names where the batch norm can be folded.
+
+    Found on the graph ``torch.export`` traces: the batch norm consumes the output of a conv
+    or linear layer that nothing else uses, and each module is called once. ``[]`` when the
+    model has no batch norm or cannot be traced.
+    """
+    if not any(isinstance(x, nn.modules.batchnorm._BatchNorm) for x in model.modules()):
+        return []
     try:
-        ep = _export_program(m, example)
+        ep = _export_program(model, example)
     except Exception:
-        _drop_zero_biases(m)
-        return m  # not traceable here; export itself will explain
+        return []  # not traceable here; export itself will explain
     pairs: list[tuple[str, str]] = []
     seen_calls: dict[str, int] = {}
     for node in ep.graph_module.graph.nodes:
@@ -91,23 +111,17 @@ def fold_batchnorm(model: nn.Module, example: torch.Tensor) -> nn.Module:
             src = node.args[0]
             if getattr(src, "op", None) == "call_function" and str(src.target) in _CONV_OPS and len(src.users) == 1:
                 pairs.append((_module_of(src), name))
-    modules = dict(m.named_modules())
+    modules = dict(model.named_modules())
+    out = []
     for conv_name, bn_name in pairs:
         conv, bn = modules.get(conv_name), modules.get(bn_name)
         if conv is None or bn is None or seen_calls.get(conv_name) != 1 or seen_calls.get(bn_name) != 1:
             continue  # a module called twice cannot be folded for one of its uses only
         if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or not bn.track_running_stats:
             continue
-        if isinstance(conv, nn.modules.conv._ConvNd) and not conv.transposed:
-            fused = torch.nn.utils.fusion.fuse_conv_bn_eval(conv, bn)
-        elif isinstance(conv, nn.Linear):
-            fused = torch.nn.utils.fusion.fuse_linear_bn_eval(conv, bn)
-        else:
-            continue
-        _set_module(m, conv_name, fused)
-        _set_module(m, bn_name, nn.Identity())
-    _drop_zero_biases(m)
-    return m
+        if (isinstance(conv, nn.modules.conv._ConvNd) and not conv.transposed) or isinstance(conv, nn.Linear):
+            out.append((conv_name, bn_name))
+    return out
 
 
 def _drop_zero_biases(model: nn.Module) -> None:

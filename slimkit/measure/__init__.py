@@ -262,11 +262,13 @@ def _merge_layers(static: dict[str, dict[str, Any]], times: dict[str, float]) ->
     total = sum(times.values()) or 1.0
     names = list(static) + [n for n in times if n not in static]
     rows = []
+    other = 0.0
     for name in names:
         s = static.get(name, {})
         t = times.get(name, 0.0)
         if not s.get("params") and not s.get("macs") and t / total < 0.005:
-            continue  # skip cheap parameter-free layers (ReLU, Identity...)
+            other += t  # cheap parameter-free layers (ReLU, Identity...) share one row
+            continue
         rows.append({
             "name": name,
             "type": s.get("type") or "+".join(s.get("ops", [])) or "-",
@@ -275,4 +277,7 @@ def _merge_layers(static: dict[str, dict[str, Any]], times: dict[str, float]) ->
             "macs": int(s.get("macs", 0)),
             "time_share": round(t / total, 4),
         })
+    if other > 0:
+        rows.append({"name": "(other layers)", "type": "-", "params": 0, "nonzero_params": 0, "macs": 0,
+                     "time_share": round(other / total, 4)})
     return rows

@@ -111,7 +111,7 @@ def apply_masks_(model: nn.Module) -> None:
                 f"the pruning mask of '{name}' is shaped {tuple(mask.shape)} but its weight is now "
                 f"{tuple(w.shape)}: the layer changed after unstructured pruning. Finalise the masks "
                 "(finalize_) before changing the architecture, or prune structurally first.")
-        w.mul_(mask.to(w.dtype))
+        w.mul_(mask.to(w.device, w.dtype))
 
 
 @torch.no_grad()
@@ -129,7 +129,7 @@ def compute_masks_(model: nn.Module, targets: Mapping[str, float], scope: str, a
     for n in targets:
         s = model.get_submodule(n).weight.detach().abs().float()
         if n in old:
-            s = s * old[n]
+            s = s * old[n].to(s.device)
         scores[n] = s
     new: dict[str, torch.Tensor] = {}
     shared = [n for n in targets if n not in alone] if scope == "global" else []
@@ -140,7 +140,7 @@ def compute_masks_(model: nn.Module, targets: Mapping[str, float], scope: str, a
             new[n] = _keep_mask(scores[n].flatten(), targets[n]).view_as(scores[n])
     for n, mask in new.items():
         if n in old:
-            mask &= old[n]
+            mask &= old[n].to(mask.device)
     merged = dict(old)
     merged.update(new)
     set_masks(model, merged)

@@ -9,7 +9,7 @@ from .. import _console
 from ..config import check
 from ..errors import ExportError
 from ..export import export_onnx, parity
-from ..recipe import Context, register_step
+from ..recipe import Context, register_space, register_step
 from ..training import TrainConfig, fit
 
 __all__ = ["Finetune", "Export"]
@@ -32,6 +32,20 @@ def _finetune(ctx: Context, cfg: Finetune) -> dict[str, Any]:
     report = fit(ctx.model, ctx.data, cfg, teacher=teacher, hooks=ctx.train_hooks(), label="finetune")
     report.pop("history", None)
     return {"distilled": teacher is not None, **report}
+
+
+@register_space("finetune", order=60)
+def _finetune_space(trial: Any) -> Finetune | None:
+    """How the search draws a fine-tune: 0 epochs leaves the step out of the trial."""
+    epochs = trial.suggest_int("finetune.epochs", 0, 4)
+    if epochs == 0:
+        return None
+    lr = trial.suggest_float("finetune.lr", 1e-4, 3e-3, log=True)
+    if not trial.suggest_categorical("finetune.distill", [True, False]):
+        return Finetune(epochs=epochs, lr=lr, distill=False)
+    return Finetune(epochs=epochs, lr=lr, distill=True,
+                    temperature=trial.suggest_float("finetune.temperature", 1.0, 8.0),
+                    alpha=trial.suggest_float("finetune.alpha", 0.3, 0.95))
 
 
 @dataclass
@@ -57,6 +71,10 @@ def export_step(ctx: Context, cfg: Export | None = None) -> dict[str, Any]:
     path = ctx.new_path("model")
     with _console.status("exporting to ONNX"):
         export_onnx(ctx.model, path, ctx.data.example(2), opset=cfg.opset)
+    float_path, transformed = path, {}
+    transform = ctx.extra.get("export_transform")  # e.g. QAT: the float export -> integer QDQ kernels
+    if transform is not None:
+        path, transformed = transform(ctx, float_path)
     x = ctx.data.x_test[: cfg.parity_samples]
     result = parity(ctx.model, path, x, threads=ctx.threads)
     if result["top1_agreement"] < cfg.min_agreement:
@@ -65,9 +83,15 @@ def export_step(ctx: Context, cfg: Export | None = None) -> dict[str, Any]:
             f"{result['samples']} test examples (max abs logit difference {result['max_abs_diff']:.3g}); "
             f"the minimum agreement is {cfg.min_agreement:.0%}."
         )
-    ctx.onnx_path = ctx.float_onnx_path = path
+    ctx.onnx_path, ctx.float_onnx_path = path, float_path
     ctx.parity = result
-    return {"parity": result, "onnx_bytes": path.stat().st_size}
+    return {"parity": result, "onnx_bytes": path.stat().st_size, **transformed}
 
 
 register_step("export", Export, forbids={"exported"}, sets={"exported"})(export_step)
+
+
+@register_space("export", order=80)
+def _export_space(trial: Any) -> Export:
+    """Every searched recipe is exported (ONNX-level steps come after it); nothing to draw."""
+    return Export()

@@ -21,6 +21,7 @@ from __future__ import annotations
 import inspect
 import json
 import pickle
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -124,7 +125,8 @@ def _import_methods() -> None:
 
 def _parse_zoo(spec: str) -> tuple[str, dict[str, Any]]:
     body = spec[len("zoo:"):]
-    name, *args = [p.strip() for p in body.split(",")]
+    # split on the commas outside brackets, so list values work: zoo:lenet300,hidden=[64,32]
+    name, *args = [p.strip() for p in re.split(r",(?![^\[]*\])", body)]
     kwargs: dict[str, Any] = {}
     for a in args:
         key, sep, value = a.partition("=")

@@ -168,12 +168,16 @@ class ResNet(nn.Module):
     """He et al.'s CIFAR ResNet (3 stages of basic blocks, 16/32/64 channels times ``width``)."""
 
     def __init__(self, in_channels: int = 3, num_classes: int = 10, width: float = 1.0,
-                 blocks: Sequence[int] = (3, 3, 3), channels: Sequence[int] = (16, 32, 64), kernel: int = 3):
+                 blocks: Sequence[int] = (3, 3, 3), channels: Sequence[int] = (16, 32, 64),
+                 kernel: int | Sequence[int] = 3):
         super().__init__()
         if width <= 0:
             raise SlimkitError(f"zoo:resnet width must be > 0, got {width}.")
         if len(blocks) != len(channels):
             raise SlimkitError(f"zoo:resnet needs one block count per stage: blocks={list(blocks)}, channels={list(channels)}.")
+        kernels = [int(kernel)] * len(blocks) if isinstance(kernel, int) else [int(k) for k in kernel]
+        if len(kernels) != len(blocks) or any(k < 1 or k % 2 == 0 for k in kernels):
+            raise SlimkitError(f"zoo:resnet kernel must be one odd size or one per stage, got {kernel}.")
         chans = [max(4, int(round(c * width))) for c in channels]
         self.conv1 = nn.Conv2d(in_channels, chans[0], 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(chans[0])
@@ -183,7 +187,7 @@ class ResNet(nn.Module):
             layers = []
             for j in range(n):
                 stride = 2 if (i > 0 and j == 0) else 1
-                layers.append(BasicBlock(in_ch, c, stride, kernel))
+                layers.append(BasicBlock(in_ch, c, stride, kernels[i]))
                 in_ch = c
             self.add_module(f"layer{i + 1}", nn.Sequential(*layers))
         self.num_stages = len(blocks)
@@ -199,8 +203,8 @@ class ResNet(nn.Module):
 
 @register_model("resnet")
 def resnet(input_shape: Sequence[int] = (3, 32, 32), num_classes: int = 10, width: float = 1.0,
-           depth: int = 20, blocks: Sequence[int] | None = None, kernel: int = 3) -> ResNet:
-    """ResNet-``depth`` (6n+2 layers; 20 by default) with a width multiplier."""
+           depth: int = 20, blocks: Sequence[int] | None = None, kernel: int | Sequence[int] = 3) -> ResNet:
+    """ResNet-``depth`` (6n+2 layers; 20 by default) with a width multiplier; ``kernel``: one size, or one per stage."""
     c, _, _ = _image_shape("resnet", tuple(input_shape))
     if blocks is None:
         if (depth - 2) % 6 or depth < 8:
@@ -294,6 +298,19 @@ class MobileNetV2(nn.Module):
 
 @register_model("mobilenetv2")
 def mobilenetv2(input_shape: Sequence[int] = (3, 32, 32), num_classes: int = 10, width: float = 1.0,
-                stages: Sequence[dict[str, int]] | None = None, last_channels: int = 320) -> MobileNetV2:
+                stages: Sequence[dict[str, int]] | None = None, last_channels: int = 320,
+                blocks: Sequence[int] | None = None, kernel: int | Sequence[int] | None = None,
+                expand: int | Sequence[int] | None = None) -> MobileNetV2:
+    """``stages`` (default :data:`MBV2_STAGES`); ``blocks`` / ``kernel`` / ``expand``: one value
+    (or one per stage) overriding the stages' own, e.g. ``zoo:mobilenetv2,blocks=[1,2,2,1,1],kernel=5``."""
     c, h, w = _image_shape("mobilenetv2", tuple(input_shape))
-    return MobileNetV2(c, (h, w), num_classes, width, tuple(stages or MBV2_STAGES), last_channels=last_channels)
+    stages = [dict(st) for st in (stages or MBV2_STAGES)]
+    for key, value in (("blocks", blocks), ("kernel", kernel), ("expand", expand)):
+        if value is None:
+            continue
+        values = [value] * len(stages) if isinstance(value, int) else list(value)
+        if len(values) != len(stages):
+            raise SlimkitError(f"zoo:mobilenetv2 {key} needs one value or one per stage ({len(stages)}), got {value}.")
+        for st, v in zip(stages, values):
+            st[key] = int(v)
+    return MobileNetV2(c, (h, w), num_classes, width, tuple(stages), last_channels=last_channels)

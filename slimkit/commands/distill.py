@@ -1,0 +1,162 @@
+"""``slimkit distill`` (train a student from a teacher) and ``slimkit decompose`` (low-rank layers).
+
+Both are shorthands for ``slimkit apply`` with a two- or three-step recipe, so they measure,
+export and write exactly what ``apply`` does (``model.onnx``, ``model.safetensors``,
+``result.json`` with the recipe that ran), and the recipe in ``result.json`` replays the run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .. import _console
+from ..cli import (BatchOpt, DataOpt, MaxSecondsOpt, OverwriteOpt, QuietOpt, SeedOpt, TargetOpt, ThreadsOpt,
+                   TrustOpt, WeightsOpt, app, parse_batches, stdout)
+from ..errors import ConfigError, SlimkitError
+
+OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Folder for model.onnx, model.safetensors and result.json.")]
+
+
+def _pairs(values: list[str] | None, flag: str) -> dict[str, str]:
+    """``["conv2=layer3", ...]`` -> ``{"conv2": "layer3"}``."""
+    out: dict[str, str] = {}
+    for v in values or []:
+        left, sep, right = v.partition("=")
+        if not sep or not left.strip() or not right.strip():
+            raise ConfigError(f"got {v!r}; write STUDENT_LAYER=TEACHER_LAYER, e.g. {flag} conv2=layer3",
+                              where=f"option {flag}")
+        out[left.strip()] = right.strip()
+    return out
+
+
+def _ranks(values: list[str] | None) -> dict[str, int | list[int] | None]:
+    """``["fc1=64", "layer1.0.conv1=8,16", "fc3=none"]`` -> ``{"fc1": 64, ...}``."""
+    out: dict[str, int | list[int] | None] = {}
+    for v in values or []:
+        name, sep, rank = v.partition("=")
+        try:
+            if not sep:
+                raise ValueError
+            parts = [p.strip() for p in rank.split(",")]
+            out[name.strip()] = None if rank.strip().lower() in ("none", "null") else (
+                int(parts[0]) if len(parts) == 1 else [int(p) for p in parts])
+        except ValueError:
+            raise ConfigError(f"got {v!r}; write LAYER=RANK, LAYER=R_OUT,R_IN (Tucker-2) or LAYER=none",
+                              where="option --rank") from None
+    return out
+
+
+def _finish(res, out: Path) -> None:
+    from ..report import compare_table
+
+    stdout.print(compare_table(res.report["baseline"], res.report["result"], title=f"{out}"))
+    stdout.print(f"wrote {out}/model.onnx, {out}/model.safetensors, {out}/result.json")
+
+
+@app.command("distill")
+def distill_cmd(
+    teacher: Annotated[Optional[str], typer.Option("--teacher", help="The teacher: zoo:NAME[,k=v], package.module:function or FILE.pt with --trust-pickle.")] = None,
+    teacher_weights: Annotated[Optional[Path], typer.Option("--teacher-weights", "-w", help="The teacher's weights (.safetensors or a state dict).")] = None,
+    student: Annotated[Optional[str], typer.Option("--student", help="The student architecture: zoo:NAME[,k=v] or package.module:function.")] = None,
+    student_weights: Annotated[Optional[Path], typer.Option("--student-weights", help="Start the student from these weights (default: fresh).")] = None,
+    data: DataOpt = "digits",
+    out: OutOpt = Path("runs/distill"),
+    epochs: Annotated[int, typer.Option("--epochs", "-e", help="Training epochs of the student.")] = 10,
+    lr: Annotated[float, typer.Option(help="Learning rate.")] = 1e-3,
+    batch_size: Annotated[int, typer.Option(help="Training batch size.")] = 128,
+    temperature: Annotated[float, typer.Option("--temperature", "-T", help="Softmax temperature of the soft targets.")] = 4.0,
+    alpha: Annotated[float, typer.Option(help="Weight of the soft-target loss (1 - alpha: the hard labels).")] = 0.7,
+    feature: Annotated[Optional[list[str]], typer.Option("--feature", help="Feature pair STUDENT_LAYER=TEACHER_LAYER (repeatable); a 1x1 conv / linear adapter bridges different widths.")] = None,
+    feature_weight: Annotated[float, typer.Option(help="Weight of the feature loss.")] = 1.0,
+    target: TargetOpt = "ort-cpu",
+    batch: BatchOpt = "1,64",
+    threads: ThreadsOpt = None,
+    trust_pickle: TrustOpt = False,
+    seed: SeedOpt = 0,
+    overwrite: OverwriteOpt = False,
+    max_seconds: MaxSecondsOpt = 2.0,
+    quiet: QuietOpt = False,
+) -> None:
+    """Train a (smaller) student model from a teacher by knowledge distillation, export and measure both."""
+    from ..api import apply as _apply
+    from ..methods.core import Export
+    from ..methods.distill import Distill
+    from ..recipe import Recipe, Step
+
+    _console.set_quiet(quiet)
+    if not teacher and not teacher_weights:
+        raise SlimkitError("--teacher is required, e.g. --teacher zoo:resnet --teacher-weights runs/resnet/model.safetensors.")
+    if not student:
+        raise SlimkitError("--student is required: the architecture to train, e.g. --student zoo:lenet5 "
+                           "or --student mypkg.models:small.")
+    cfg = Distill(epochs=epochs, lr=lr, batch_size=batch_size, temperature=temperature, alpha=alpha,
+                  features=_pairs(feature, "--feature"), feature_weight=feature_weight, seed=seed, patience=None,
+                  student=student, student_weights=str(student_weights) if student_weights else None)
+    recipe = Recipe([Step("distill", cfg), Step("export", Export())])
+    res = _apply(recipe, teacher, data, weights=teacher_weights, trust_pickle=trust_pickle, target=target,
+                 batch_sizes=parse_batches(batch), threads=threads, out=out, overwrite=overwrite, seed=seed,
+                 max_seconds=max_seconds)
+    step = res.report["steps"][0]
+    stdout.print(f"student {student}: KL to the teacher {step['teacher_gap_before']:.4f} -> "
+                 f"{step['teacher_gap_after']:.4f} (validation, T={temperature:g})")
+    _finish(res, out)
+
+
+@app.command("decompose")
+def decompose_cmd(
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="zoo:NAME[,key=value...], package.module:function, or FILE.pt with --trust-pickle.")] = None,
+    weights: WeightsOpt = None,
+    data: DataOpt = "digits",
+    out: OutOpt = Path("runs/decompose"),
+    conv: Annotated[str, typer.Option(help="Convolutions: tucker2, cp or none.")] = "tucker2",
+    linear: Annotated[str, typer.Option(help="Linear layers: svd or none.")] = "svd",
+    energy: Annotated[float, typer.Option(help="Keep this fraction of each weight's energy (squared norm) when choosing ranks.")] = 0.9,
+    ratio: Annotated[Optional[float], typer.Option(help="Instead of --energy: rank = ratio x full rank.")] = None,
+    rank: Annotated[Optional[list[str]], typer.Option("--rank", help="Explicit rank LAYER=R, LAYER=R_OUT,R_IN (Tucker-2) or LAYER=none (repeatable).")] = None,
+    skip: Annotated[Optional[list[str]], typer.Option("--skip", help="Leave this layer (or prefix) alone (repeatable).")] = None,
+    finetune_epochs: Annotated[int, typer.Option("--finetune-epochs", help="Fine-tune epochs after decomposing, distilled from the original (0: none).")] = 3,
+    lr: Annotated[float, typer.Option(help="Fine-tune learning rate.")] = 5e-4,
+    target: TargetOpt = "ort-cpu",
+    batch: BatchOpt = "1,64",
+    threads: ThreadsOpt = None,
+    trust_pickle: TrustOpt = False,
+    seed: SeedOpt = 0,
+    overwrite: OverwriteOpt = False,
+    max_seconds: MaxSecondsOpt = 2.0,
+    quiet: QuietOpt = False,
+) -> None:
+    """Low-rank decomposition (SVD / Tucker-2 / CP), fine-tune with distillation, export and measure."""
+    from rich.table import Table
+
+    from ..api import apply as _apply
+    from ..methods.core import Export, Finetune
+    from ..methods.decompose import LowRank
+    from ..recipe import Recipe, Step
+    from ..report import fmt_count
+
+    _console.set_quiet(quiet)
+    if not model and not weights:
+        raise SlimkitError("--model is required, e.g. --model zoo:resnet --weights model.safetensors.")
+    cfg = LowRank(conv=conv, linear=linear, energy=energy, ratio=ratio, ranks=_ranks(rank), skip=list(skip or []))
+    steps = [Step("decompose", cfg)]
+    if finetune_epochs:
+        steps.append(Step("finetune", Finetune(epochs=finetune_epochs, lr=lr, seed=seed)))
+    res = _apply(Recipe(steps + [Step("export", Export())]), model, data, weights=weights, trust_pickle=trust_pickle,
+                 target=target, batch_sizes=parse_batches(batch), threads=threads, out=out, overwrite=overwrite,
+                 seed=seed, max_seconds=max_seconds)
+    t = Table(title="decomposed layers")
+    for col in ("layer", "kind", "rank", "rel. error", "params", "MACs", "note"):
+        t.add_column(col, justify="left" if col in ("layer", "kind", "note") else "right")
+    for row in res.report["steps"][0]["layers"]:
+        size = (f"{fmt_count(row['params_before'])} -> {fmt_count(row['params_after'])}"
+                if row.get("params_after") is not None else fmt_count(row.get("params_before")))
+        macs = (f"{fmt_count(row['macs_before'])} -> {fmt_count(row['macs_after'])}"
+                if row.get("macs_after") is not None else fmt_count(row.get("macs_before")))
+        t.add_row(row["name"], row.get("kind") or "-", str(row.get("rank", "-")),
+                  f"{row['rel_error']:.3f}" if "rel_error" in row else "-", size, macs,
+                  "" if row["replaced"] else row.get("reason", ""))
+    stdout.print(t)
+    _finish(res, out)

@@ -1,0 +1,585 @@
+"""Low-rank decomposition: truncated SVD of linear layers, Tucker-2 and CP of convolutions.
+
+``decompose_(model, LowRank(...))`` replaces, in place, each linear layer by two thinner ones
+(truncated SVD) and each dense convolution by a chain of smaller ones:
+
+- **SVD** (linear layers and 1x1 convolutions): ``W ~ B A`` with ``A`` of shape ``(r, in)`` and
+  ``B`` of shape ``(out, r)``: one layer becomes two.
+- **Tucker-2** (kxk convolutions, Kim et al. 2016): ``W ~ core x0 U_out x1 U_in``:
+  1x1 conv (``C_in -> r_in``) -> kxk conv (``r_in -> r_out``) -> 1x1 conv (``r_out -> C_out``).
+- **CP** (kxk convolutions, Lebedev et al. 2015, with the two spatial modes kept together):
+  ``W[o, i, :, :] ~ sum_r A[o, r] B[i, r] K[r, :, :]``: 1x1 conv (``C_in -> R``) -> depthwise kxk
+  conv (``R`` channels) -> 1x1 conv (``R -> C_out``).
+
+Tucker-2 and CP are computed with TensorLy (pytorch backend), SVD with ``torch.linalg``. The rank
+of each layer comes from a retained-energy threshold (``energy``: the fraction of the weight's
+squared norm the low-rank layer keeps, ``1 - relative_error**2``), a rank ``ratio``, or an
+explicit rank per layer (``ranks``). A layer is replaced only when the replacement has fewer
+parameters *and* fewer MACs than the original (``only_if_smaller``). The report records, per
+layer, the rank, the relative reconstruction error and the parameters and MACs before/after.
+
+>>> import torch
+>>> from slimkit.models import create_model
+>>> model = create_model("lenet300", input_shape=(1, 28, 28), num_classes=10)
+>>> report = decompose_(model, LowRank(ratio=0.2, skip=["fc3"]), example=torch.zeros(1, 1, 28, 28))
+>>> [row["name"] for row in report["layers"] if row["replaced"]]
+['fc1', 'fc2']
+>>> type(model.fc1).__name__
+'LowRankLinear'
+
+Follow a decomposition with ``finetune`` (or ``distill``) in a recipe: the low-rank layers are
+trained further, taught by the original model.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import _console
+from ..config import check
+from ..errors import ConfigError, SlimkitError
+from ..models import origin_of, record_structure, register_structure_op
+from ..recipe import Context, register_space, register_step
+
+__all__ = [
+    "LowRank",
+    "decompose_",
+    "LowRankLinear",
+    "LowRankConv2d",
+    "Tucker2Conv2d",
+    "CPConv2d",
+    "Factorized",
+]
+
+CONV_METHODS = ("tucker2", "cp", "none")
+LINEAR_METHODS = ("svd", "none")
+
+
+@dataclass
+class LowRank:
+    """Low-rank decomposition: truncated SVD of linear layers, Tucker-2 or CP of convolutions.
+
+    ``conv``: ``tucker2``, ``cp`` or ``none``; ``linear``: ``svd`` or ``none``. The rank of each
+    layer: ``ranks[name]`` when given (an int; for Tucker-2 also ``[r_out, r_in]``; ``null``
+    leaves the layer alone), else ``ratio`` times the full rank when ``ratio`` is set
+    (``min(out, in)``; Tucker-2: each of ``C_out``, ``C_in``; CP: ``min(C_out, C_in)``), else the
+    smallest rank that keeps ``energy`` of the weight's squared norm. ``skip``: layer names (or
+    name prefixes) left alone. ``only_if_smaller``: replace a layer only when that reduces both
+    its parameters and its MACs. ``iterations``: Tucker-2 (HOOI) / CP (ALS) iterations.
+    """
+
+    conv: str = "tucker2"
+    linear: str = "svd"
+    energy: float = 0.9
+    ratio: float | None = None
+    ranks: dict[str, int | list[int] | None] = field(default_factory=dict)
+    skip: list[str] = field(default_factory=list)
+    only_if_smaller: bool = True
+    iterations: int = 20
+
+    def __post_init__(self) -> None:
+        check(self.conv in CONV_METHODS, "conv", f"got '{self.conv}'; choose one of {', '.join(CONV_METHODS)}")
+        check(self.linear in LINEAR_METHODS, "linear",
+              f"got '{self.linear}'; choose one of {', '.join(LINEAR_METHODS)}")
+        check(0 < self.energy <= 1, "energy",
+              f"must be in (0, 1] (the fraction of each weight's squared norm to keep), got {self.energy}")
+        check(self.ratio is None or 0 < self.ratio <= 1, "ratio",
+              f"must be in (0, 1] (rank as a fraction of the full rank) or null, got {self.ratio}")
+        check(self.iterations >= 1, "iterations", f"must be >= 1, got {self.iterations}")
+        for name, rank in self.ranks.items():
+            ok = rank is None or (isinstance(rank, int) and rank >= 1) or (
+                isinstance(rank, (list, tuple)) and len(rank) == 2 and all(isinstance(r, int) and r >= 1 for r in rank))
+            check(ok, "ranks", f"ranks['{name}'] = {rank!r}: give a rank >= 1, [r_out, r_in] for Tucker-2, "
+                               "or null to leave the layer alone")
+
+
+# ----------------------------------------------------------------------------- the replacement modules
+
+
+class Factorized(nn.Sequential):
+    """A layer replaced by a chain of smaller ones; never decomposed again."""
+
+
+class LowRankLinear(Factorized):
+    """``Linear(in, out)`` of rank ``r`` as ``Linear(in, r, bias=False) -> Linear(r, out)``."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True):
+        super().__init__(nn.Linear(in_features, rank, bias=False), nn.Linear(rank, out_features, bias=bias))
+
+
+class LowRankConv2d(Factorized):
+    """A 1x1 convolution of rank ``r`` as two 1x1 convolutions (the first keeps stride and padding)."""
+
+    def __init__(self, conv: nn.Conv2d, rank: int):
+        super().__init__(
+            nn.Conv2d(conv.in_channels, rank, 1, conv.stride, conv.padding, bias=False),
+            nn.Conv2d(rank, conv.out_channels, 1, bias=conv.bias is not None),
+        )
+
+
+class Tucker2Conv2d(Factorized):
+    """Tucker-2: 1x1 (``C_in -> r_in``) -> kxk core (``r_in -> r_out``) -> 1x1 (``r_out -> C_out``)."""
+
+    def __init__(self, conv: nn.Conv2d, r_out: int, r_in: int):
+        super().__init__(
+            nn.Conv2d(conv.in_channels, r_in, 1, bias=False),
+            nn.Conv2d(r_in, r_out, conv.kernel_size, conv.stride, conv.padding, conv.dilation, bias=False),
+            nn.Conv2d(r_out, conv.out_channels, 1, bias=conv.bias is not None),
+        )
+
+
+class CPConv2d(Factorized):
+    """CP of rank ``R``: 1x1 (``C_in -> R``) -> depthwise kxk (``R`` channels) -> 1x1 (``R -> C_out``)."""
+
+    def __init__(self, conv: nn.Conv2d, rank: int):
+        super().__init__(
+            nn.Conv2d(conv.in_channels, rank, 1, bias=False),
+            nn.Conv2d(rank, rank, conv.kernel_size, conv.stride, conv.padding, conv.dilation, groups=rank, bias=False),
+            nn.Conv2d(rank, conv.out_channels, 1, bias=conv.bias is not None),
+        )
+
+
+def _build(kind: str, layer: nn.Module, rank: int | list[int]) -> Factorized:
+    """The empty replacement module for ``layer`` (shapes only; weights are set or loaded later)."""
+    if kind == "svd" and isinstance(layer, nn.Linear):
+        return LowRankLinear(layer.in_features, layer.out_features, int(rank), layer.bias is not None)
+    if kind == "svd":
+        return LowRankConv2d(layer, int(rank))
+    if kind == "tucker2":
+        r_out, r_in = rank
+        return Tucker2Conv2d(layer, int(r_out), int(r_in))
+    if kind == "cp":
+        return CPConv2d(layer, int(rank))
+    raise ValueError(f"unknown decomposition '{kind}'")
+
+
+def set_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    """Replace the submodule ``name`` (dotted) of ``root`` by ``new``."""
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
+
+
+@register_structure_op("lowrank")
+def _replay_lowrank(model: nn.Module, op: dict[str, Any]) -> None:
+    layer = model.get_submodule(op["layer"])
+    set_module(model, op["layer"], _build(op["kind"], layer, op["rank"]))
+
+
+# ----------------------------------------------------------------------------- layer geometry
+
+
+@dataclass
+class _Site:
+    """A candidate layer and the shapes it saw on one example (batch dimension dropped)."""
+
+    name: str
+    module: nn.Module
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+
+
+def _trace_shapes(model: nn.Module, example: torch.Tensor, names: list[str]) -> dict[str, _Site]:
+    """Run ``model`` once and record the input/output shapes of the named layers called exactly once."""
+    seen: dict[str, list[tuple[tuple[int, ...], tuple[int, ...]]]] = {n: [] for n in names}
+    modules = dict(model.named_modules())
+    handles = [
+        modules[n].register_forward_hook(
+            lambda m, args, out, n=n: seen[n].append((tuple(args[0].shape[1:]), tuple(out.shape[1:]))))
+        for n in names
+    ]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return {n: _Site(n, modules[n], *calls[0]) for n, calls in seen.items() if len(calls) == 1}
+
+
+def _positions(shape: tuple[int, ...]) -> int:
+    """Spatial positions of a conv feature map ``(C, H, W)``, or rows of a linear input ``(..., F)``."""
+    return math.prod(shape[1:]) if len(shape) == 3 else math.prod(shape[:-1])
+
+
+def _cost(kind: str, site: _Site, rank: int | list[int] | None) -> tuple[int, int]:
+    """(parameters, MACs per example) of the layer at ``site`` as it is (``kind='dense'``) or decomposed."""
+    m = site.module
+    bias = m.bias.numel() if m.bias is not None else 0
+    if isinstance(m, nn.Linear):
+        rows = _positions(site.in_shape)
+        if kind == "dense":
+            return m.in_features * m.out_features + bias, rows * m.in_features * m.out_features
+        w = int(rank) * (m.in_features + m.out_features)
+        return w + bias, rows * w
+    c_out, c_in_g, kh, kw = m.weight.shape
+    c_in = m.in_channels
+    hw_in, hw_out = _positions(site.in_shape), _positions(site.out_shape)
+    if kind == "dense":
+        w = c_out * c_in_g * kh * kw
+        return w + bias, hw_out * w
+    if kind == "svd":  # both 1x1 convs run at the output resolution
+        r = int(rank)
+        return r * (c_in + c_out) + bias, hw_out * r * (c_in + c_out)
+    if kind == "tucker2":
+        r_out, r_in = (int(r) for r in rank)
+        core = r_out * r_in * kh * kw
+        return (c_in * r_in + core + r_out * c_out + bias,
+                hw_in * c_in * r_in + hw_out * (core + r_out * c_out))
+    r = int(rank)  # cp
+    return (r * (c_in + kh * kw + c_out) + bias,
+            hw_in * c_in * r + hw_out * r * (kh * kw + c_out))
+
+
+# ----------------------------------------------------------------------------- the factorizations
+
+
+def _energy_rank(s: torch.Tensor, energy: float) -> int:
+    """Smallest ``r`` whose ``r`` largest singular values keep ``energy`` of ``sum(s**2)``."""
+    e = s.double() ** 2
+    total = float(e.sum())
+    if total == 0.0:
+        return 1
+    kept = torch.cumsum(e, 0) / total
+    return min(len(s), int((kept < energy - 1e-12).sum()) + 1)
+
+
+def _rel_error(w: torch.Tensor, approx: torch.Tensor) -> float:
+    norm = float(w.norm())
+    return float((w - approx).norm()) / norm if norm else 0.0
+
+
+def _svd(w2: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """``w2 (out, in) ~ b @ a`` with ``a (r, in)``, ``b (out, r)``; singular values split evenly."""
+    u, s, vh = torch.linalg.svd(w2.double(), full_matrices=False)
+    root = s[:rank].sqrt()
+    a = root[:, None] * vh[:rank]  # (r, in)
+    b = u[:, :rank] * root  # (out, r)
+    total = float((s**2).sum())
+    err = math.sqrt(max(float((s[rank:] ** 2).sum()), 0.0) / total) if total else 0.0
+    return a, b, err
+
+
+def _tucker2(w: torch.Tensor, r_out: int, r_in: int, iterations: int):
+    """Tucker-2 of ``w (C_out, C_in, kh, kw)`` on its two channel modes (TensorLy, HOOI from HOSVD)."""
+    import tensorly as tl
+    from tensorly.decomposition import partial_tucker
+
+    w64 = w.double()
+    with tl.backend_context("pytorch"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        (core, (u_out, u_in)), _ = partial_tucker(w64, rank=[r_out, r_in], modes=[0, 1], init="svd",
+                                                  n_iter_max=iterations, tol=1e-7)
+        approx = tl.tenalg.multi_mode_dot(core, [u_out, u_in], modes=[0, 1])
+    return core, u_out, u_in, _rel_error(w64, approx)
+
+
+def _cp(w: torch.Tensor, rank: int, iterations: int):
+    """CP of ``w (C_out, C_in, kh, kw)`` seen as ``(C_out, C_in, kh*kw)`` (TensorLy ALS, seeded)."""
+    import tensorly as tl
+    from tensorly.decomposition import parafac
+
+    c_out, c_in, kh, kw = w.shape
+    w3 = w.double().reshape(c_out, c_in, kh * kw)  # (C_out, C_in, kh*kw)
+    with tl.backend_context("pytorch"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cp = parafac(w3, rank=rank, init="svd", n_iter_max=max(iterations, 50), tol=1e-8, random_state=0,
+                     normalize_factors=True)
+        approx = tl.cp_to_tensor(cp)
+    weights, (a, b, k) = cp.weights, cp.factors
+    scale = weights.abs().clamp_min(1e-30) ** (1 / 3)  # share each component's weight among its three factors
+    sign = torch.where(weights < 0, -1.0, 1.0).to(weights)
+    return a * scale * sign, b * scale, k * scale, _rel_error(w3, approx)
+
+
+# ----------------------------------------------------------------------------- rank choice
+
+
+def _full_rank(kind: str, m: nn.Module) -> int | list[int]:
+    if isinstance(m, nn.Linear):
+        return min(m.in_features, m.out_features)
+    if kind == "svd":
+        return min(m.in_channels, m.out_channels)
+    if kind == "tucker2":
+        return [m.out_channels, m.in_channels]
+    kh, kw = m.kernel_size
+    a, b, c = m.out_channels, m.in_channels, kh * kw
+    return min(a * b, a * c, b * c)  # no CP rank above this is ever needed
+
+
+def _check_explicit(name: str, kind: str, m: nn.Module, rank: int | list[int]) -> int | list[int]:
+    full = _full_rank(kind, m)
+    if kind == "tucker2":
+        r_out, r_in = (rank, rank) if isinstance(rank, int) else rank
+        if r_out > full[0] or r_in > full[1]:
+            raise ConfigError(
+                f"ranks['{name}'] = {rank!r} is larger than the layer allows: Tucker-2 ranks of its "
+                f"{tuple(m.weight.shape)} weight are at most [{full[0]}, {full[1]}] ([C_out, C_in])",
+                field="ranks")
+        return [int(r_out), int(r_in)]
+    if not isinstance(rank, int):
+        raise ConfigError(f"ranks['{name}'] = {rank!r}: {kind.upper()} takes one integer rank ([r_out, r_in] is "
+                          "for Tucker-2 convolutions)", field="ranks")
+    if rank > full:
+        what = "min(out, in)" if kind == "svd" else "min of the products of its mode sizes"
+        raise ConfigError(
+            f"ranks['{name}'] = {rank} is larger than the matrix: the {tuple(m.weight.shape)} weight has rank at "
+            f"most {full} ({what})", field="ranks")
+    return rank
+
+
+def _kind_of(m: nn.Module, cfg: LowRank) -> tuple[str | None, str]:
+    """The decomposition for module ``m`` under ``cfg`` (None: not decomposable, with the reason)."""
+    if isinstance(m, nn.Linear):
+        return ("svd", "") if cfg.linear == "svd" else (None, "linear: none")
+    if isinstance(m, nn.Conv2d):
+        if m.groups != 1:
+            return None, "grouped convolution"
+        if m.padding_mode != "zeros":
+            return None, f"padding_mode '{m.padding_mode}'"
+        if cfg.conv == "none":
+            return None, "conv: none"
+        if m.kernel_size == (1, 1):
+            return "svd", ""
+        return cfg.conv, ""
+    return None, f"{type(m).__name__} is not a linear or Conv2d layer"
+
+
+def _largest_smaller_rank(kind: str, site: _Site, full: int) -> int:
+    """The largest rank whose layer still has fewer params and MACs than the dense one (0: none)."""
+    params, macs = _cost("dense", site, None)
+    lo, hi = 0, full
+    while lo < hi:  # cost grows with the rank: bisect
+        mid = (lo + hi + 1) // 2
+        p, m = _cost(kind, site, mid)
+        if p < params and m < macs:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+# ----------------------------------------------------------------------------- the verb
+
+
+def decomposable_layers(model: nn.Module) -> list[str]:
+    """Names of the linear and ``Conv2d`` layers outside already factorized blocks."""
+    out, inside = [], []
+    for name, m in model.named_modules():
+        if any(name.startswith(p + ".") for p in inside):
+            continue
+        if isinstance(m, Factorized):
+            inside.append(name)
+        elif isinstance(m, (nn.Linear, nn.Conv2d)):
+            out.append(name)
+    return out
+
+
+def _check_names(model: nn.Module, names: list[str], field_name: str, candidates: list[str]) -> None:
+    modules = dict(model.named_modules())
+    for n in names:
+        if n not in modules:
+            shown = ", ".join(candidates[:12]) + (", ..." if len(candidates) > 12 else "")
+            raise ConfigError(f"the model has no layer '{n}'; its decomposable layers are: {shown}", field=field_name)
+
+
+def _example_for(model: nn.Module, example: torch.Tensor | None) -> torch.Tensor:
+    """One input example on the model's device: ``example[:1]``, or zeros of the recorded input shape."""
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    if example is not None:
+        return example[:1].to(device)
+    shape = origin_of(model).get("input_shape")
+    if not shape:
+        raise SlimkitError("decompose_ needs example= (an input batch) to measure each layer's MACs; "
+                           "this model does not record its input shape.")
+    return torch.zeros((1, *shape), device=device)
+
+
+def decompose_(
+    model: nn.Module,
+    config: LowRank | None = None,
+    *,
+    example: torch.Tensor | None = None,
+    filter_fn: Callable[[nn.Module, str], bool] | None = None,
+) -> dict[str, Any]:
+    """Replace the model's linear and convolution layers by low-rank chains, in place.
+
+    ``example``: an input batch (default: zeros of the model's recorded input shape), used to
+    find each layer's feature-map size for its MACs. ``filter_fn(module, name)``: return False to
+    leave a layer alone. Returns ``layers`` (per layer: ``name``, ``kind``, ``replaced``,
+    ``rank``, ``rel_error``, ``params_before/after``, ``macs_before/after``, and ``reason`` when
+    left alone), ``replaced`` (how many) and the model's ``params_before/after`` and
+    ``macs_before/after``.
+
+    >>> from slimkit.models import load_model
+    >>> model = load_model("zoo:resnet", input_shape=(1, 28, 28), num_classes=10)  # records its input shape
+    >>> report = decompose_(model, LowRank(conv="tucker2", ratio=0.5))
+    >>> report["macs_after"] < report["macs_before"]
+    True
+    """
+    from ..measure import count_macs, count_params
+    from ..measure.backends import torch_threads
+
+    cfg = config or LowRank()
+    x = _example_for(model, example)
+    candidates = decomposable_layers(model)
+    _check_names(model, list(cfg.ranks), "ranks", candidates)
+    _check_names(model, cfg.skip, "skip", candidates)
+    explicit: dict[str, int | list[int]] = {}
+    for name, rank in cfg.ranks.items():  # every explicit rank is checked before any layer changes
+        module = model.get_submodule(name)
+        if name not in candidates:
+            raise ConfigError(f"ranks['{name}']: '{name}' is a {type(module).__name__}, "
+                              f"not a linear or Conv2d layer that can be decomposed", field="ranks")
+        kind, why = _kind_of(module, cfg)
+        if rank is not None and kind is None:
+            raise ConfigError(f"ranks['{name}']: this layer cannot be decomposed ({why})", field="ranks")
+        if rank is not None:
+            explicit[name] = _check_explicit(name, kind, module, rank)
+    input_shape = tuple(x.shape[1:])
+    params_before, macs_before = count_params(model)["params"], count_macs(model, input_shape)
+    sites = _trace_shapes(model, x, candidates)
+    rows: list[dict[str, Any]] = []
+    todo = [n for n in candidates
+            if not any(n == s or n.startswith(s + ".") for s in cfg.skip)
+            and (cfg.ranks.get(n, 0) is not None)]
+    # small factorizations: one thread is faster, and far faster on a busy machine
+    with _console.progress() as bar, torch_threads(1):
+        task = bar.add_task("decompose", total=len(todo), info="")
+        for name in todo:
+            bar.update(task, info=name)
+            module = model.get_submodule(name)
+            if filter_fn is not None and not filter_fn(module, name):
+                bar.advance(task)
+                continue
+            rows.append(_decompose_layer(model, name, module, sites.get(name), cfg, explicit.get(name)))
+            bar.advance(task)
+    params_after, macs_after = count_params(model)["params"], count_macs(model, input_shape)
+    replaced = [r for r in rows if r["replaced"]]
+    _console.info(f"decompose: {len(replaced)} of {len(rows)} layers replaced; params {params_before:,} -> "
+                  f"{params_after:,}, MACs {macs_before:,} -> {macs_after:,}")
+    return {"layers": rows, "replaced": len(replaced), "params_before": params_before, "params_after": params_after,
+            "macs_before": macs_before, "macs_after": macs_after}
+
+
+def _decompose_layer(model: nn.Module, name: str, m: nn.Module, site: _Site | None, cfg: LowRank,
+                     rank: int | list[int] | None) -> dict[str, Any]:
+    kind, why = _kind_of(m, cfg)
+    row: dict[str, Any] = {"name": name, "kind": kind, "replaced": False}
+    if kind is None:
+        return {**row, "reason": why}
+    if site is None:
+        return {**row, "reason": "not called exactly once by the model's forward"}
+    params, macs = _cost("dense", site, None)
+    row.update(params_before=params, macs_before=macs)
+    w = m.weight.detach()
+    if rank is None:
+        rank = _auto_rank(kind, m, w, site, cfg)
+        if rank is None:
+            return {**row, "reason": f"energy {cfg.energy} needs a CP rank at which the layer is no smaller"}
+    p_after, m_after = _cost(kind, site, rank)
+    if cfg.only_if_smaller and not (p_after < params and m_after < macs):
+        return {**row, "rank": rank, "params_after": p_after, "macs_after": m_after,
+                "reason": f"rank {rank} would not reduce both parameters and MACs"}
+    new, err = _factorize(kind, m, w, rank, cfg)
+    set_module(model, name, new)
+    record_structure(model, {"op": "lowrank", "layer": name, "kind": kind, "rank": rank})
+    return {**row, "replaced": True, "rank": rank, "rel_error": round(err, 6), "params_after": p_after,
+            "macs_after": m_after}
+
+
+def _auto_rank(kind: str, m: nn.Module, w: torch.Tensor, site: _Site, cfg: LowRank) -> int | list[int] | None:
+    """The rank from ``ratio`` (when set) or ``energy``; None when CP cannot reach the energy while smaller."""
+    if kind == "tucker2":
+        c_out, c_in = w.shape[:2]
+        if cfg.ratio is not None:
+            return [max(1, round(cfg.ratio * c_out)), max(1, round(cfg.ratio * c_in))]
+        s_out = torch.linalg.svdvals(w.double().reshape(c_out, -1))  # mode-0 unfolding (C_out, C_in*kh*kw)
+        s_in = torch.linalg.svdvals(w.double().transpose(0, 1).reshape(c_in, -1))  # mode-1 (C_in, C_out*kh*kw)
+        return [_energy_rank(s_out, cfg.energy), _energy_rank(s_in, cfg.energy)]
+    if kind == "svd":
+        if cfg.ratio is not None:
+            return max(1, round(cfg.ratio * _full_rank(kind, m)))
+        return _energy_rank(torch.linalg.svdvals(w.double().reshape(w.shape[0], -1)), cfg.energy)
+    # cp
+    if cfg.ratio is not None:
+        return max(1, round(cfg.ratio * min(m.out_channels, m.in_channels)))
+    full = _full_rank(kind, m)
+    r_max = _largest_smaller_rank(kind, site, full) if cfg.only_if_smaller else full
+    return _cp_energy_rank(w, cfg.energy, r_max, cfg.iterations) if r_max else None
+
+
+def _cp_energy_rank(w: torch.Tensor, energy: float, r_max: int, iterations: int) -> int | None:
+    """Smallest CP rank (searched: doubling, then two bisection steps) with ``1 - err**2 >= energy``."""
+    allowed = math.sqrt(max(1.0 - energy, 0.0))
+    r, failed = max(1, r_max // 16), 0
+    while _cp(w, r, iterations)[3] > allowed:
+        failed = r
+        if r >= r_max:
+            return None
+        r = min(r_max, 2 * r)
+    for _ in range(2):
+        if r - failed <= 1:
+            break
+        mid = (failed + r) // 2
+        if _cp(w, mid, iterations)[3] <= allowed:
+            r = mid
+        else:
+            failed = mid
+    return r
+
+
+def _factorize(kind: str, m: nn.Module, w: torch.Tensor, rank: int | list[int], cfg: LowRank) -> tuple[Factorized, float]:
+    """The replacement for ``m`` with weights that approximate ``w``, and its relative error."""
+    new = _build(kind, m, rank).to(w.device)
+    dtype = w.dtype
+    with torch.no_grad():
+        if kind == "svd":
+            a, b, err = _svd(w.reshape(w.shape[0], -1), int(rank))  # (out, in) for 1x1 convs too
+            new[0].weight.copy_(a.reshape(new[0].weight.shape).to(dtype))
+            new[1].weight.copy_(b.reshape(new[1].weight.shape).to(dtype))
+        elif kind == "tucker2":
+            core, u_out, u_in, err = _tucker2(w, *rank, cfg.iterations)
+            new[0].weight.copy_(u_in.t()[:, :, None, None].to(dtype))  # (r_in, C_in, 1, 1)
+            new[1].weight.copy_(core.to(dtype))  # (r_out, r_in, kh, kw)
+            new[2].weight.copy_(u_out[:, :, None, None].to(dtype))  # (C_out, r_out, 1, 1)
+        else:
+            a, b, k, err = _cp(w, int(rank), cfg.iterations)
+            kh, kw = w.shape[2:]
+            new[0].weight.copy_(b.t()[:, :, None, None].to(dtype))  # (R, C_in, 1, 1)
+            new[1].weight.copy_(k.t().reshape(-1, 1, kh, kw).to(dtype))  # (R, 1, kh, kw)
+            new[2].weight.copy_(a[:, :, None, None].to(dtype))  # (C_out, R, 1, 1)
+        if m.bias is not None:
+            new[-1].bias.copy_(m.bias.detach())
+    new.train(m.training)
+    return new, err
+
+
+# ----------------------------------------------------------------------------- recipe step and search space
+
+
+@register_step("decompose", LowRank, forbids={"exported", "quantized", "fake_quant", "masked"})
+def _decompose_step(ctx: Context, cfg: LowRank) -> dict[str, Any]:
+    """Low-rank decomposition of the model's layers; follow it with finetune or distill."""
+    try:
+        return decompose_(ctx.model, cfg, example=ctx.data.example(1))
+    except ConfigError as e:
+        raise e.located("recipe step 'decompose'") from None
+
+
+@register_space("decompose", order=20)
+def _decompose_space(trial: Any) -> LowRank | None:
+    if not trial.suggest_categorical("decompose.on", [True, False]):
+        return None
+    return LowRank(conv=trial.suggest_categorical("decompose.conv", ["tucker2", "cp"]),
+                   energy=trial.suggest_float("decompose.energy", 0.5, 0.95))
