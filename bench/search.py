@@ -46,7 +46,7 @@ FT = {"epochs": 4, "lr": 1e-3, "max_batches": RESNET_FT_BATCHES}  # the largest 
 
 WORKER_TRIALS = 8
 WORKER_ROUNDS = 2  # 1 worker, 2 workers, 1 worker, 2 workers: machine drift hits both alike
-SAMPLER_TRIALS = 20
+SAMPLER_TRIALS = 12
 SAMPLERS = ("tpe", "nsga2", "gp", "random")
 SMOKE = False  # --smoke: a tiny run of every part that checks the script, printing instead of writing
 

@@ -77,11 +77,13 @@ def export_step(ctx: Context, cfg: Export | None = None) -> dict[str, Any]:
         path, transformed = transform(ctx, float_path)
     x = ctx.data.x_test[: cfg.parity_samples]
     result = parity(ctx.model, path, x, threads=ctx.threads)
-    if result["top1_agreement"] < cfg.min_agreement:
+    # an integer artifact (QAT) rounds differently from torch's fake quantization: its own step's threshold holds
+    least = min(cfg.min_agreement, ctx.extra.get("export_min_agreement", 1.0)) if transform is not None else cfg.min_agreement
+    if result["top1_agreement"] < least:
         raise ExportError(
             f"the exported ONNX model disagrees with the torch model on {1 - result['top1_agreement']:.1%} of "
             f"{result['samples']} test examples (max abs logit difference {result['max_abs_diff']:.3g}); "
-            f"the minimum agreement is {cfg.min_agreement:.0%}."
+            f"the minimum agreement is {least:.0%}."
         )
     ctx.onnx_path, ctx.float_onnx_path = path, float_path
     ctx.parity = result

@@ -1156,6 +1156,7 @@ def _qat_step(ctx: Context, cfg: QAT) -> dict[str, Any]:
     """Quantization-aware training (fake quantization, straight-through); the export runs INT8 QDQ kernels."""
     report = quantize_(ctx.model, cfg, data=ctx.data, teacher=ctx.teacher, hooks=ctx.train_hooks())
     ctx.extra["export_transform"] = _qat_export(cfg)
+    ctx.extra["export_min_agreement"] = cfg.min_agreement
     return report
 
 
