@@ -34,7 +34,7 @@ BATCHES = (1, 64)
 RESNET_FT_BATCHES = 20  # batches of 128 per fine-tune epoch: ~5% of the 54,000 training images
 RESNET_VAL_SIZE = 2000  # validation images each trial (and each fine-tune epoch) is judged on
 RESNET_TRIALS = 12
-RESNET_TIMEOUT_S = 35 * 60
+RESNET_TIMEOUT_S = 25 * 60
 # methods that can make the ORT artifact of a convolutional net faster at this fine-tuning scale:
 # unstructured pruning, the sparse ONNX format and Deep Compression's packed format shrink files but
 # run dense (or slower) in ONNX Runtime; dynamic INT8 of convolutions is slower than float there
