@@ -314,7 +314,7 @@ def pareto() -> None:
         f"fine-tunes capped at {FT_BATCHES} batches per epoch, no accuracy limit so that its whole front shows), "
         f"`nas` ran {nas_s / 60:.1f} min including the final training ({len(nas_trained)} candidates trained "
         f"{PROXY_EPOCHS} epochs x {PROXY_BATCHES} batches distilled from the teacher, {report['rejected']} rejected "
-        f"by the latency table before training (limit {limit} ms at batch 1, the median of the space's predicted "
+        f"by the latency table before training (limit {limit} ms at batch 1, the 70th percentile of the space's predicted "
         f"latencies), then the best trained {FINAL_EPOCHS} epochs x {FINAL_BATCHES} batches). The table itself was "
         f"built once beforehand (part 1). Both judge trials on the same {VAL_SIZE} validation images; below, "
         "every model on the Pareto front of its search (validation accuracy against latency at batch 1, as the "
