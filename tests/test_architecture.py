@@ -170,3 +170,17 @@ def test_search_space_draws_a_valid_config():
     cfg = spec.space(optuna.trial.FixedTrial({"separable.on": True, "separable.multiplier": 2}))
     assert cfg == Separable(multiplier=2)
     assert spec.space(optuna.trial.FixedTrial({"separable.on": False})) is None
+
+
+def test_structured_pruning_after_separable_with_a_channel_multiplier(trained, digits, tmp_path):
+    """Torch-Pruning cannot score a grouped conv with a channel multiplier: that layer is left out, named."""
+    import slimkit
+
+    model, _ = trained("lenet5")
+    res = slimkit.apply([{"separable": {"multiplier": 2}}, {"prune_structured": {"ratio": 0.47}}, "export"], model,
+                        digits, target="ort-cpu", threads=1, out=tmp_path / "sp", measure_baseline=False, layers=False,
+                        max_seconds=0.05)
+    step = next(s for s in res.report["steps"] if s["step"] == "prune_structured")
+    assert "cannot be pruned" in step["skipped"]["conv1.1"]
+    assert step["pruned_layers"]  # the rest was pruned
+    assert res.report["parity"]["top1_agreement"] >= 0.99

@@ -203,6 +203,7 @@ def test_unstructured_recipe_keeps_masks_through_finetune_and_stores_sparse(trai
     assert res_stats["nonzero_params"] <= weight_params * 0.1 + 410  # plus the biases
     assert steps["store_sparse"]["sparse_bytes"] == res_stats["artifact_bytes"] < 0.45 * steps["store_sparse"]["dense_bytes"]
     assert steps["store_sparse"]["parity"]["top1_agreement"] == 1.0
+    assert steps["store_sparse"]["dense_agreement"]["top1_agreement"] == 1.0
     assert steps["prune_unstructured"]["csr_safetensors_bytes"] < 0.4 * steps["prune_unstructured"]["dense_safetensors_bytes"]
 
 
@@ -445,3 +446,16 @@ def test_every_verb_runs_on_every_zoo_model(name, kwargs, digits):
     assert list(s["layers"]) == [first] and len(s["layers"][first]["accuracy"]) == 1
     lt = lottery(model, digits, rounds=1, epochs=1, rewind_epoch=0, train=TrainConfig(max_batches=2, batch_size=32))
     assert lt.report["rounds"][1]["remaining"] == pytest.approx(0.8, abs=1e-3)
+
+
+def test_sparse_storage_of_a_qat_artifact_is_judged_against_the_dense_file(trained, digits, tmp_path):
+    """An integer QAT artifact differs from torch's fake quantization by itself; sparse storage must not add to it."""
+    import slimkit
+
+    model, _ = trained("lenet5")
+    res = slimkit.apply([{"prune_unstructured": {"sparsity": 0.6}}, {"qat": {"epochs": 1, "max_batches": 5}},
+                         "export", "store_sparse"], model, digits, target="ort-cpu", threads=1, out=tmp_path / "q",
+                        measure_baseline=False, layers=False, max_seconds=0.05)
+    step = next(s for s in res.report["steps"] if s["step"] == "store_sparse")
+    assert step["dense_agreement"]["top1_agreement"] == 1.0 and step["dense_agreement"]["max_abs_diff"] < 1e-4
+    assert step["sparse_bytes"] <= step["dense_bytes"]  # int8 values with int64 indices would not pay: kept dense

@@ -310,8 +310,24 @@ def _try_prune(model: nn.Module, ratio: float, layers: Mapping[str, float], impo
             raise RuntimeError("the output changed shape to "
                                f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}")
 
+    scoring: list[Any] = [None]  # the group Torch-Pruning is scoring, to name it if scoring fails
+    score = pruner.estimate_importance
+
+    def estimate_importance(group: Any) -> Any:
+        scoring[0] = group
+        return score(group)
+
+    pruner.estimate_importance = estimate_importance
+    steps = pruner.step(interactive=True)
     with torch.no_grad():
-        for group in pruner.step(interactive=True):
+        while True:
+            try:
+                group = next(steps)
+            except StopIteration:
+                break
+            except Exception as e:  # e.g. a grouped convolution with a channel multiplier
+                bad = scoring[0]
+                return (names.get(bad[0].dep.target.module, "?") if bad is not None else None), _first_line(e)
             root = names.get(group[0].dep.target.module, "?")
             misaligned = _misaligned_groups(group, pruner.DG, names)
             if misaligned:

@@ -317,15 +317,20 @@ def _store_sparse_step(ctx: Context, cfg: StoreSparse) -> dict[str, Any]:
 
     dst = ctx.new_path("model-sparse")
     report = sparse_onnx(ctx.onnx_path, dst)
+    from .quantize import _onnx_agreement
+
     x = ctx.data.x_test[:512]
+    # sparse storage is lossless: the rewritten file must compute what the dense one did (an integer
+    # QAT artifact differs from torch's fake quantization by itself; the export step judged that)
+    same = _onnx_agreement(ctx.onnx_path, dst, x, ctx.threads)
+    if same["top1_agreement"] < cfg.min_agreement:
+        raise ExportError(f"the sparse ONNX artifact disagrees with the dense one it was rewritten from on "
+                          f"{1 - same['top1_agreement']:.1%} of {same['samples']} test examples.")
     result = parity(ctx.model, dst, x, threads=ctx.threads)
-    if result["top1_agreement"] < cfg.min_agreement:
-        raise ExportError(f"the sparse ONNX artifact disagrees with the torch model on "
-                          f"{1 - result['top1_agreement']:.1%} of {result['samples']} test examples.")
     ctx.onnx_path = dst
     ctx.parity = result
     report["csr_safetensors_bytes"] = csr_bytes(ctx.model)
-    return {**report, "parity": result}
+    return {**report, "parity": result, "dense_agreement": same}
 
 
 @register_space("store_sparse", order=85)
