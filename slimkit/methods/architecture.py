@@ -130,7 +130,7 @@ def separable_(
     from ..measure.backends import torch_threads
 
     cfg = config or Separable()
-    x = _example_for(model, example)
+    x = _example_for(model, example, "separable_")
     modules = dict(model.named_modules())
     for name in cfg.skip:
         if name not in modules:

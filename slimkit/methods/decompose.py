@@ -393,14 +393,14 @@ def _check_names(model: nn.Module, names: list[str], field_name: str, candidates
             raise ConfigError(f"the model has no layer '{n}'; its decomposable layers are: {shown}", field=field_name)
 
 
-def _example_for(model: nn.Module, example: torch.Tensor | None) -> torch.Tensor:
+def _example_for(model: nn.Module, example: torch.Tensor | None, verb: str = "decompose_") -> torch.Tensor:
     """One input example on the model's device: ``example[:1]``, or zeros of the recorded input shape."""
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     if example is not None:
         return example[:1].to(device)
     shape = origin_of(model).get("input_shape")
     if not shape:
-        raise SlimkitError("decompose_ needs example= (an input batch) to measure each layer's MACs; "
+        raise SlimkitError(f"{verb} needs example= (an input batch) to measure each layer's MACs; "
                            "this model does not record its input shape.")
     return torch.zeros((1, *shape), device=device)
 
