@@ -54,6 +54,18 @@ def machine() -> str:
             f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, Python {platform.python_version()}")
 
 
+def pop_option(args: list[str], name: str, default: str) -> str:
+    """The value after ``name`` in ``args`` (both removed from it), or ``default``."""
+    if name not in args:
+        return default
+    i = args.index(name)
+    if i + 1 >= len(args):
+        sys.exit(f"{name} needs a value, e.g. {name} {default}")
+    value = args[i + 1]
+    del args[i:i + 2]
+    return value
+
+
 def fashion_mnist(seed: int = 0):
     from slimkit.data import load_data
 

@@ -10,17 +10,13 @@ from __future__ import annotations
 
 import sys
 
-from bench._common import BASELINES, baseline, fashion_mnist, markdown_table, write_section
+from bench._common import BASELINES, baseline, fashion_mnist, markdown_table, pop_option, write_section
 from slimkit.measure import count_macs, count_params
 
 
 def main() -> None:
     args = sys.argv[1:]
-    device = "cpu"
-    if "--device" in args:
-        i = args.index("--device")
-        device = args[i + 1]
-        del args[i : i + 2]
+    device = pop_option(args, "--device", "cpu")
     names = args or list(BASELINES)
     data = fashion_mnist()
     rows = []

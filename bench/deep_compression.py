@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from bench._common import CACHE, baseline, fashion_mnist, markdown_table, write_section
+from bench._common import CACHE, baseline, fashion_mnist, markdown_table, pop_option, write_section
 
 # (label, config fields): the paper's settings first, then a slimmer one aiming at 50x.
 SETTINGS = {
@@ -47,15 +47,9 @@ def main() -> None:
     from slimkit.export.packed import load_packed
     from slimkit.methods.coding import DeepCompression, deep_compress, paper_table
 
-    import torch
-
     torch.set_num_threads(1)  # training: a busy 2-core machine is far slower with 2 threads (timings say threads)
     args = sys.argv[1:]
-    device = "cpu"
-    if "--device" in args:
-        i = args.index("--device")
-        device = args[i + 1]
-        del args[i:i + 2]
+    device = pop_option(args, "--device", "cpu")
     names = args or list(SETTINGS)
     data = fashion_mnist()
     sections, summary = [], []

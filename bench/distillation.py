@@ -18,11 +18,10 @@ import json
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from bench._common import BASELINES, CACHE, _locked, baseline, fashion_mnist, markdown_table, write_section
+from bench._common import BASELINES, CACHE, _locked, baseline, fashion_mnist, markdown_table, pop_option, write_section
 
 STUDENTS = {
     "MLP 784-100-30-10": "zoo:lenet300,hidden=[100,30]",
@@ -91,7 +90,7 @@ def main() -> None:
     from slimkit.models import load_model
 
     args = sys.argv[1:]
-    device = args[args.index("--device") + 1] if "--device" in args else "cpu"
+    device = pop_option(args, "--device", "cpu")
     data = fashion_mnist()
     for run in RUNS:
         train_run(*run, data, device)

@@ -30,7 +30,8 @@ from typing import Any
 
 import torch
 
-from bench._common import CACHE, _locked, baseline, fashion_mnist, markdown_table, side_by_side, write_section
+from bench._common import (CACHE, _locked, baseline, fashion_mnist,
+                           markdown_table, pop_option, side_by_side, write_section)
 
 # name -> (baseline, the structural step as in a recipe, fine-tune settings)
 FT_LENET300 = {"epochs": 5, "lr": 5e-4}
@@ -150,9 +151,7 @@ def _ranks(info: dict[str, Any], group: list[str]) -> str:
 
 def main() -> None:
     args = sys.argv[1:]
-    device = "cpu"
-    if "--device" in args:
-        device = args[args.index("--device") + 1]
+    device = pop_option(args, "--device", "cpu")
     data = fashion_mnist()
     for name in VARIANTS:
         train_variant(name, data, device)

@@ -27,7 +27,8 @@ import sys
 import time
 from pathlib import Path
 
-from bench._common import CACHE, FASHION, baseline, fashion_mnist, markdown_table, side_by_side, write_section
+from bench._common import (CACHE, FASHION, baseline, fashion_mnist,
+                           markdown_table, pop_option, side_by_side, write_section)
 
 THREADS = 2
 VALIDATE = 30  # random architectures the table's prediction is checked on
@@ -230,7 +231,6 @@ def pareto() -> None:
     from slimkit.export import export_onnx
     from slimkit.nas import LatencyTable, nas
     from slimkit.search import compress
-    from slimkit.search._study import validation_subset
 
     data = _data()
     if SMOKE:
@@ -444,10 +444,7 @@ def main() -> None:
     if "--cached" in args:
         args.remove("--cached")
         CACHED = True
-    if "--device" in args:
-        i = args.index("--device")
-        DEVICE = args[i + 1]
-        del args[i:i + 2]
+    DEVICE = pop_option(args, "--device", DEVICE)
     if "--smoke" in args:
         args.remove("--smoke")
         SMOKE, VALIDATE, ROUNDS, BUDGET_S, VAL_SIZE = True, 4, 3, 90, None

@@ -38,6 +38,12 @@ MaxSecondsOpt = Annotated[float, typer.Option("--max-seconds", help="Time cap pe
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Only print the result.")]
 
 
+def require_model(model: str | None, weights: Path | None, example: str = "zoo:lenet5 --weights model.safetensors") -> None:
+    """A model comes from --model, or from --weights of a model slimkit saved (its spec is inside)."""
+    if not model and not weights:
+        raise SlimkitError(f"--model is required, e.g. --model {example}.")
+
+
 def parse_batches(text: str) -> tuple[int, ...]:
     try:
         sizes = tuple(int(p) for p in text.split(",") if p.strip())
@@ -136,8 +142,7 @@ def apply(
 
     _console.set_quiet(quiet)
     rec = Recipe.load(recipe)  # a bad recipe fails here, before anything is loaded
-    if not model and not weights:
-        raise SlimkitError("--model is required, e.g. --model zoo:lenet5 --weights model.safetensors.")
+    require_model(model, weights)
     res = _apply(rec, model, data, weights=weights, trust_pickle=trust_pickle, target=target,
                  batch_sizes=parse_batches(batch), threads=threads, out=out, overwrite=overwrite, seed=seed,
                  max_seconds=max_seconds)

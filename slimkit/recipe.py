@@ -183,7 +183,8 @@ class Recipe:
     def load(cls, path: str | Path) -> "Recipe":
         path = Path(path)
         if not path.is_file():
-            raise SlimkitError(f"recipe file {path} does not exist.")
+            raise SlimkitError(f"recipe file {path} does not exist." if not path.exists() else
+                               f"recipe {path} is not a file; give a YAML file with a list of steps.")
         try:
             data = yaml.safe_load(path.read_text())
         except yaml.YAMLError as e:
@@ -246,7 +247,8 @@ class Context:
     as it was before the recipe, used for distillation. ``hooks`` are training hooks that
     stay active for every later fine-tune (e.g. pruning masks). ``extra`` is free-form; two keys
     are read by the spine: ``"export_transform"``, ``fn(ctx, float_onnx) -> (onnx, report)`` that
-    ``export`` applies to its float export (QAT turns it into integer QDQ), and ``"outputs"``,
+    ``export`` applies to its float export (QAT turns it into integer QDQ; a ``min_agreement``
+    attribute on it lowers the parity bar for that artifact), and ``"outputs"``,
     ``{file name: path}`` that ``apply(out=DIR)`` copies into DIR (e.g. ``model.slim``).
     """
 

@@ -13,8 +13,8 @@ from typing import Annotated, Optional
 import typer
 
 from .. import _console
-from ..cli import (BatchOpt, DataOpt, MaxSecondsOpt, OverwriteOpt, QuietOpt, SeedOpt, TargetOpt, ThreadsOpt,
-                   TrustOpt, WeightsOpt, app, parse_batches, stdout)
+from ..cli import (BatchOpt, DataOpt, MaxSecondsOpt, ModelOpt, OverwriteOpt, QuietOpt, SeedOpt, TargetOpt, ThreadsOpt,
+                   TrustOpt, WeightsOpt, app, parse_batches, require_model, stdout)
 from ..errors import ConfigError, SlimkitError
 
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Folder for model.onnx, model.safetensors and result.json.")]
@@ -107,7 +107,7 @@ def distill_cmd(
 
 @app.command("decompose")
 def decompose_cmd(
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help="zoo:NAME[,key=value...], package.module:function, or FILE.pt with --trust-pickle.")] = None,
+    model: ModelOpt = None,
     weights: WeightsOpt = None,
     data: DataOpt = "digits",
     out: OutOpt = Path("runs/decompose"),
@@ -138,8 +138,7 @@ def decompose_cmd(
     from ..report import fmt_count
 
     _console.set_quiet(quiet)
-    if not model and not weights:
-        raise SlimkitError("--model is required, e.g. --model zoo:resnet --weights model.safetensors.")
+    require_model(model, weights, "zoo:resnet --weights model.safetensors")
     cfg = LowRank(conv=conv, linear=linear, energy=energy, ratio=ratio, ranks=_ranks(rank), skip=list(skip or []))
     steps = [Step("decompose", cfg)]
     if finetune_epochs:

@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from .. import _console
-from ..cli import DataOpt, ModelOpt, OverwriteOpt, QuietOpt, SeedOpt, TrustOpt, WeightsOpt, app, stdout
+from ..cli import DataOpt, ModelOpt, OverwriteOpt, QuietOpt, SeedOpt, TrustOpt, WeightsOpt, app, require_model, stdout
 from ..errors import SlimkitError
 
 
@@ -47,8 +47,7 @@ def sensitivity(
     from ..methods.prune import sensitivity as _sensitivity
 
     _console.set_quiet(quiet or as_json)
-    if not model and not weights:
-        raise SlimkitError("--model is required, e.g. --model zoo:lenet300 --weights model.safetensors.")
+    require_model(model, weights, "zoo:lenet300 --weights model.safetensors")
     names = [n.strip() for n in layers.split(",") if n.strip()] if layers else None
     rep = _sensitivity(model, data, method, _floats(ratios, "--ratios"), weights=weights, trust_pickle=trust_pickle,
                        layers=names, importance=importance, target=target, out=out, overwrite=overwrite, seed=seed)
@@ -102,8 +101,7 @@ def lottery(
     from ..training import TrainConfig
 
     _console.set_quiet(quiet)
-    if not model and not weights:
-        raise SlimkitError("--model is required, e.g. --model zoo:lenet300.")
+    require_model(model, weights, "zoo:lenet300")
     cfg = TrainConfig(epochs=max(epochs, 1), lr=lr, batch_size=batch_size, optimizer=optimizer, seed=seed)
     res = _lottery(model, data, rounds=rounds, rate=rate, rewind_epoch=rewind_epoch, epochs=epochs, scope=scope,
                    train=cfg, control=control, weights=weights, trust_pickle=trust_pickle, out=out,

@@ -8,8 +8,8 @@ from typing import Annotated, Optional
 import typer
 
 from .. import _console
-from ..cli import DataOpt, ModelOpt, OverwriteOpt, QuietOpt, SeedOpt, TrustOpt, WeightsOpt, app, stdout
-from ..errors import ConfigError, SlimkitError
+from ..cli import DataOpt, ModelOpt, OverwriteOpt, QuietOpt, SeedOpt, TrustOpt, WeightsOpt, app, require_model, stdout
+from ..errors import ConfigError
 
 
 @app.command("deep-compress")
@@ -41,8 +41,7 @@ def deep_compress(
     from ..report import fmt_bytes
 
     _console.set_quiet(quiet)
-    if not model and not weights:
-        raise SlimkitError("--model is required, e.g. --model zoo:lenet5 --weights model.safetensors.")
+    require_model(model, weights)
     try:
         cfg = DeepCompression(
             sparsity=parse_layer_values(sparsity, float, "sparsity"),

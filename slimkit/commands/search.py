@@ -9,8 +9,7 @@ import typer
 
 from .. import _console
 from ..cli import (BatchOpt, DataOpt, ModelOpt, QuietOpt, SeedOpt, TargetOpt, ThreadsOpt,
-                   TrustOpt, WeightsOpt, app, parse_batches, stdout)
-from ..errors import SlimkitError
+                   TrustOpt, WeightsOpt, app, parse_batches, require_model, stdout)
 
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Show every step's output inside each trial.")]
 TimeoutOpt = Annotated[Optional[float], typer.Option("--timeout", help="Start no new trial after this many seconds.")]
@@ -66,8 +65,7 @@ def compress(
     from ..search import compress as _compress
 
     _console.set_quiet(quiet)
-    if not model and not weights:
-        raise SlimkitError("--model is required, e.g. --model zoo:lenet5 --weights model.safetensors.")
+    require_model(model, weights)
     res = _compress(model, data, weights=weights, trust_pickle=trust_pickle, target=target,
                     batch_sizes=parse_batches(batch), threads=threads, max_latency_ms=max_latency_ms,
                     min_throughput=min_throughput, max_size_kb=max_size_kb, max_accuracy_drop=max_accuracy_drop,

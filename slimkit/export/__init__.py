@@ -28,6 +28,7 @@ from torch import nn
 
 from .. import _io
 from ..errors import ExportError
+from ..models import set_module
 
 __all__ = ["export_onnx", "fold_batchnorm", "batchnorm_pairs", "parity", "ort_session"]
 
@@ -80,8 +81,8 @@ def fold_batchnorm(model: nn.Module, example: torch.Tensor) -> nn.Module:
             fused = torch.nn.utils.fusion.fuse_linear_bn_eval(conv, bn)
         else:
             continue
-        _set_module(m, conv_name, fused)
-        _set_module(m, bn_name, nn.Identity())
+        set_module(m, conv_name, fused)
+        set_module(m, bn_name, nn.Identity())
     _drop_zero_biases(m)
     return m
 
@@ -130,12 +131,6 @@ def _drop_zero_biases(model: nn.Module) -> None:
         if isinstance(mod, (nn.modules.conv._ConvNd, nn.Linear)) and mod.bias is not None:
             if not torch.count_nonzero(mod.bias.detach()):
                 mod.bias = None
-
-
-def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, new)
 
 
 def export_onnx(
@@ -288,15 +283,18 @@ def ort_predict(session, x: torch.Tensor | np.ndarray, batch: int = 512) -> np.n
     return np.concatenate(outs) if outs else np.zeros((0, 0), np.float32)
 
 
-def parity(model: nn.Module, onnx_path: str | Path, x: torch.Tensor, *, threads: int = 1) -> dict[str, Any]:
-    """Compare the torch model and the ONNX artifact on real inputs ``x``.
+def parity(model: nn.Module | str | Path, onnx_path: str | Path, x: torch.Tensor, *, threads: int = 1) -> dict[str, Any]:
+    """Compare the torch model (or another ONNX artifact) and the ONNX artifact on real inputs ``x``.
 
     Returns ``max_abs_diff`` of the logits, ``top1_agreement`` (fraction of examples whose
     predicted class agrees) and the number of ``samples``.
     """
-    model = model.eval()
-    with torch.no_grad():
-        ref = model(x).float().numpy()
+    if isinstance(model, nn.Module):
+        model = model.eval()
+        with torch.no_grad():
+            ref = model(x).float().numpy()
+    else:
+        ref = ort_predict(ort_session(model, threads), x)
     got = ort_predict(ort_session(onnx_path, threads), x)
     if got.shape != ref.shape:
         raise ExportError(f"the ONNX model returns shape {got.shape}, torch returns {ref.shape}.")

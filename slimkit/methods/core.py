@@ -78,7 +78,7 @@ def export_step(ctx: Context, cfg: Export | None = None) -> dict[str, Any]:
     x = ctx.data.x_test[: cfg.parity_samples]
     result = parity(ctx.model, path, x, threads=ctx.threads)
     # an integer artifact (QAT) rounds differently from torch's fake quantization: its own step's threshold holds
-    least = min(cfg.min_agreement, ctx.extra.get("export_min_agreement", 1.0)) if transform is not None else cfg.min_agreement
+    least = min(cfg.min_agreement, getattr(transform, "min_agreement", 1.0))
     if result["top1_agreement"] < least:
         raise ExportError(
             f"the exported ONNX model disagrees with the torch model on {1 - result['top1_agreement']:.1%} of "

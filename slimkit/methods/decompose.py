@@ -45,7 +45,7 @@ from torch import nn
 from .. import _console
 from ..config import check
 from ..errors import ConfigError, SlimkitError
-from ..models import origin_of, record_structure, register_structure_op
+from ..models import origin_of, record_structure, register_structure_op, set_module
 from ..recipe import Context, register_space, register_step
 
 __all__ = [
@@ -158,13 +158,6 @@ def _build(kind: str, layer: nn.Module, rank: int | list[int]) -> Factorized:
     if kind == "cp":
         return CPConv2d(layer, int(rank))
     raise ValueError(f"unknown decomposition '{kind}'")
-
-
-def set_module(root: nn.Module, name: str, new: nn.Module) -> None:
-    """Replace the submodule ``name`` (dotted) of ``root`` by ``new``."""
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, new)
 
 
 @register_structure_op("lowrank")

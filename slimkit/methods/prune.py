@@ -317,12 +317,10 @@ def _store_sparse_step(ctx: Context, cfg: StoreSparse) -> dict[str, Any]:
 
     dst = ctx.new_path("model-sparse")
     report = sparse_onnx(ctx.onnx_path, dst)
-    from .quantize import _onnx_agreement
-
     x = ctx.data.x_test[:512]
     # sparse storage is lossless: the rewritten file must compute what the dense one did (an integer
     # QAT artifact differs from torch's fake quantization by itself; the export step judged that)
-    same = _onnx_agreement(ctx.onnx_path, dst, x, ctx.threads)
+    same = parity(ctx.onnx_path, dst, x, threads=ctx.threads)
     if same["top1_agreement"] < cfg.min_agreement:
         raise ExportError(f"the sparse ONNX artifact disagrees with the dense one it was rewritten from on "
                           f"{1 - same['top1_agreement']:.1%} of {same['samples']} test examples.")

@@ -35,7 +35,7 @@ import math
 import tempfile
 import warnings
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +48,7 @@ from .. import _console
 from ..config import check
 from ..data import DataBundle
 from ..errors import ConfigError, ExportError, SlimkitError
-from ..models import record_structure, register_structure_op
+from ..models import record_structure, register_structure_op, set_module
 from ..recipe import Context, register_space, register_step
 from ..training import fit
 from .core import Finetune, export_step
@@ -557,12 +557,9 @@ def quantize_onnx(
         if node.op_type in INT8_KERNELS:
             ops_int[node.op_type] = ops_int.get(node.op_type, 0) + 1
     x = data.x_test[:parity_samples]
-    if model is not None:
-        from ..export import parity
+    from ..export import parity
 
-        agreement = parity(model, dst, x, threads=threads)
-    else:
-        agreement = _onnx_agreement(src, dst, x, threads)
+    agreement = parity(model if model is not None else src, dst, x, threads=threads)
     report: dict[str, Any] = {
         "mode": label,
         **({"method": config.method, "calibration_size": int(len(x_cal)), "format": config.format,
@@ -585,16 +582,6 @@ def quantize_onnx(
     if not ops_int:
         _console.info("  [yellow]no integer kernel runs in ONNX Runtime's optimised graph[/yellow]")
     return report
-
-
-def _onnx_agreement(a: Path, b: Path, x: torch.Tensor, threads: int) -> dict[str, Any]:
-    from ..export import ort_predict, ort_session
-
-    ra = ort_predict(ort_session(a, threads), x)
-    rb = ort_predict(ort_session(b, threads), x)
-    return {"max_abs_diff": float(np.max(np.abs(ra - rb))) if ra.size else 0.0,
-            "top1_agreement": float(np.mean(ra.argmax(1) == rb.argmax(1))) if len(ra) else 1.0,
-            "samples": int(len(x))}
 
 
 def _onnx_step(ctx: Context, cfg: StaticInt8 | DynamicInt8, overrides: dict | None = None,
@@ -752,17 +739,11 @@ def _register_flops() -> None:
 _register_flops()
 
 
-def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, new)
-
-
 @register_structure_op("int8_dynamic_linear")
 def _replay_dynamic(model: nn.Module, op: dict[str, Any]) -> None:
     for name in op["layers"]:
         lin = model.get_submodule(name)
-        _set_module(model, name, Int8DynamicLinear(lin.in_features, lin.out_features, lin.bias is not None,
+        set_module(model, name, Int8DynamicLinear(lin.in_features, lin.out_features, lin.bias is not None,
                                                    bool(op.get("reduce_range", False))))
 
 
@@ -783,7 +764,7 @@ def _quantize_dynamic_torch_(model: nn.Module, cfg: DynamicInt8) -> dict[str, An
                            "static INT8: target ort-cpu, step quantize_static).")
     before = sum(m.weight.numel() * m.weight.element_size() for n, m in model.named_modules() if n in names)
     for name in names:
-        _set_module(model, name, Int8DynamicLinear.from_float(model.get_submodule(name), cfg.per_channel, reduce_range))
+        set_module(model, name, Int8DynamicLinear.from_float(model.get_submodule(name), cfg.per_channel, reduce_range))
     record_structure(model, {"op": "int8_dynamic_linear", "layers": names, "reduce_range": reduce_range})
     after = sum(model.get_submodule(n).weight_int8.numel() for n in names)
     return {"mode": "dynamic", "runtime": "torch-cpu", "layers": names, "per_channel": cfg.per_channel,
@@ -849,7 +830,7 @@ def _restore(model: nn.Module, float_model: nn.Module) -> None:
 
     for name, mod in float_model.named_modules():
         if name and isinstance(model.get_submodule(name), Int8DynamicLinear):
-            _set_module(model, name, mod)
+            set_module(model, name, mod)
     ops = [op for op in structure_of(model) if op.get("op") != "int8_dynamic_linear"]
     model.__dict__["_slimkit_structure"] = ops
 
@@ -1005,7 +986,7 @@ def fold_batchnorm_(model: nn.Module, example: torch.Tensor) -> list[tuple[str, 
                 conv.bias = nn.Parameter(fused.bias.detach().clone())
             else:
                 conv.bias.copy_(fused.bias)
-        _set_module(model, bn_name, nn.Identity())
+        set_module(model, bn_name, nn.Identity())
     model.train(was)
     if pairs:
         record_structure(model, {"op": "fold_batchnorm", "pairs": [list(p) for p in pairs]})
@@ -1018,7 +999,7 @@ def _replay_fold(model: nn.Module, op: dict[str, Any]) -> None:
         conv = model.get_submodule(conv_name)
         if conv.bias is None:
             conv.bias = nn.Parameter(torch.zeros(conv.weight.shape[0]))
-        _set_module(model, bn_name, nn.Identity())
+        set_module(model, bn_name, nn.Identity())
 
 
 @register_structure_op("qat")
@@ -1148,6 +1129,7 @@ def _qat_export(cfg: QAT):
         ctx.onnx_path = saved
         return Path(path), report
 
+    transform.min_agreement = cfg.min_agreement  # integer kernels round unlike fake quantization: export's bar
     return transform
 
 
@@ -1156,7 +1138,6 @@ def _qat_step(ctx: Context, cfg: QAT) -> dict[str, Any]:
     """Quantization-aware training (fake quantization, straight-through); the export runs INT8 QDQ kernels."""
     report = quantize_(ctx.model, cfg, data=ctx.data, teacher=ctx.teacher, hooks=ctx.train_hooks())
     ctx.extra["export_transform"] = _qat_export(cfg)
-    ctx.extra["export_min_agreement"] = cfg.min_agreement
     return report
 
 

@@ -82,6 +82,13 @@ def register_structure_op(name: str) -> Callable[[_StructureOp], _StructureOp]:
     return deco
 
 
+def set_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    """Replace the submodule ``name`` (dotted) of ``root`` by ``new``."""
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
+
+
 def record_structure(model: nn.Module, op: dict[str, Any]) -> None:
     if "op" not in op or op["op"] not in _STRUCTURE_OPS:
         raise ValueError(f"structure op {op!r} is not registered")

@@ -24,7 +24,6 @@ import os
 import shutil
 import socket
 import time
-import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -205,7 +204,7 @@ class NasObjective:
         import optuna
 
         from ..api import apply
-        from ..search._objective import _plain, constraint_values, describe_figures, figures_of
+        from ..search._objective import describe_figures, record_failure, record_result, record_stopped
 
         s, cfg, nas = self.s, self.s.cfg, self.nas
         t0 = time.perf_counter()
@@ -263,37 +262,18 @@ class NasObjective:
                                                                                seed=cfg.seed)],
                             measure_baseline=False, split="val")
         except optuna.TrialPruned as e:
-            shutil.rmtree(tdir, ignore_errors=True)
-            trial.set_user_attr("seconds", round(time.perf_counter() - t0, 2))
-            _console.info(f"  [yellow]stopped early[/yellow]: {e}")
+            record_stopped(trial, tdir, t0, e)
             raise
         except Exception as e:
-            shutil.rmtree(tdir, ignore_errors=True)
-            trial.set_user_attr("error", {"type": type(e).__name__, "message": str(e)[:2000],
-                                          "traceback": traceback.format_exc(limit=-6)[-4000:]})
-            trial.set_user_attr("seconds", round(time.perf_counter() - t0, 2))
-            _console.info(f"  [red]failed[/red] ({type(e).__name__}): {str(e).splitlines()[0][:300] if str(e) else ''}")
+            record_failure(trial, tdir, t0, e)
             raise
-        fig = figures_of(res.report["result"], s.baseline["val"])
-        cons = constraint_values(s.budget, fig, cfg.batch_sizes)
-        for key, value in cons.items():
-            trial.set_constraint(key, value)
-        feasible = all(v <= 0 for v in cons.values())
+        fig, cons, feasible, _ = record_result(trial, s, res, tdir, t0)
         measured = fig["latency_ms"][b]
         err = (pred - measured) / measured if measured > 0 else None
         trial.set_user_attr("prediction", {"predicted_ms": pred, "measured_ms": measured, "relative_error": err,
                                            "batch": self.table.batch, "weight_kb": kb})
         trial.set_user_attr("columns", {f"predicted_ms@{b}": round(pred, 5), "weight_kb": round(kb, 2),
                                         "prediction_error": None if err is None else round(err, 4)})
-        steps = [{k: v for k, v in r.items() if isinstance(v, (int, float, str, bool)) or v is None}
-                 for r in res.report["steps"]]
-        trial.set_user_attr("figures", _plain(fig))
-        trial.set_user_attr("violations", {k: v for k, v in cons.items() if v > 0})
-        trial.set_user_attr("feasible", feasible)
-        trial.set_user_attr("steps", _plain(steps))
-        trial.set_user_attr("parity", _plain(res.report.get("parity")))
-        trial.set_user_attr("artifacts", str(tdir.resolve()))
-        trial.set_user_attr("seconds", round(time.perf_counter() - t0, 2))
         _console.info("  " + describe_figures(fig, cfg.batch_sizes, feasible, cons)
                       + f"; predicted {pred:.3g} ms ({'-' if err is None else f'{err:+.0%}'})"
                       + f" ({time.perf_counter() - t0:.1f}s)")
@@ -518,6 +498,15 @@ def nas(
     out = Path(out)
     url = storage or default_storage(out)
     name = study or out.resolve().name or "slimkit-nas"
+    # bad data or a bad teacher fails here, before anything is created or a previous search removed
+    if val_size is not None and val_size < 10:
+        raise ConfigError(f"must be >= 10 examples, got {val_size}.", where="--val-size")
+    bundle = validation_subset(resolve_data(data, seed), val_size, seed)
+    if len(bundle.input_shape) != 3:
+        raise SlimkitError(f"family '{fam.name}' is convolutional and needs image data shaped (C, H, W); "
+                           f"{bundle.name} has examples shaped {bundle.input_shape}.")
+    teacher_net = (resolve_model(teacher, bundle, weights=teacher_weights, trust_pickle=trust_pickle)
+                   if teacher is not None else None)
     if overwrite:
         _clean_outputs(out, storage is not None)
         for extra in NAS_FILES:
@@ -534,12 +523,6 @@ def nas(
     if not resuming:
         _io.prepare_out_dir(out, overwrite=overwrite, inputs=[teacher_weights])
 
-    if val_size is not None and val_size < 10:
-        raise ConfigError(f"must be >= 10 examples, got {val_size}.", where="--val-size")
-    bundle = validation_subset(resolve_data(data, seed), val_size, seed)
-    if len(bundle.input_shape) != 3:
-        raise SlimkitError(f"family '{fam.name}' is convolutional and needs image data shaped (C, H, W); "
-                           f"{bundle.name} has examples shaped {bundle.input_shape}.")
     stored_table = None
     if resuming:
         existing = optuna.load_study(study_name=name, storage=store)
@@ -553,7 +536,7 @@ def nas(
 
     # the baseline: the teacher, or (without one) the space's largest architecture, untrained
     if teacher is not None:
-        net = resolve_model(teacher, bundle, weights=teacher_weights, trust_pickle=trust_pickle)
+        net = teacher_net
         spec, weights_path = (teacher, teacher_weights) if isinstance(teacher, str) else (None, teacher_weights)
         from ..models import origin_of
 

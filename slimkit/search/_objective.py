@@ -239,42 +239,60 @@ class Objective:
                             threads=cfg.threads, out=tdir, overwrite=True, seed=cfg.seed, max_seconds=cfg.max_seconds,
                             layers=False, epoch_callbacks=[stop], measure_baseline=False, split="val")
         except optuna.TrialPruned as e:
-            shutil.rmtree(tdir, ignore_errors=True)
             if s.floor is not None and stop.curve:  # samplers see how far from the budget it was
                 trial.set_constraint("accuracy_drop", s.baseline["val"]["accuracy"] - stop.curve[-1]
                                      - s.budget.max_accuracy_drop)
-            trial.set_user_attr("seconds", round(time.perf_counter() - t0, 2))
-            _console.info(f"  [yellow]stopped early[/yellow]: {e}")
+            record_stopped(trial, tdir, t0, e)
             raise
         except Exception as e:
-            shutil.rmtree(tdir, ignore_errors=True)
-            trial.set_user_attr("error", {"type": type(e).__name__, "message": str(e)[:2000],
-                                          "traceback": traceback.format_exc(limit=-6)[-4000:]})
-            trial.set_user_attr("seconds", round(time.perf_counter() - t0, 2))
-            _console.info(f"  [red]failed[/red] ({type(e).__name__}): {str(e).splitlines()[0][:300] if str(e) else ''}")
+            record_failure(trial, tdir, t0, e)
             raise
-        fig = figures_of(res.report["result"], s.baseline["val"])
-        cons = constraint_values(s.budget, fig, cfg.batch_sizes)
-        for key, value in cons.items():
-            trial.set_constraint(key, value)
-        feasible = all(v <= 0 for v in cons.values())
-        steps = [{k: v for k, v in r.items() if isinstance(v, (int, float, str, bool)) or v is None}
-                 for r in res.report["steps"]]
+        fig, cons, feasible, steps = record_result(trial, s, res, tdir, t0)
         int8 = [r for r in steps if "faster" in r]
-        trial.set_user_attr("figures", _plain(fig))
-        trial.set_user_attr("violations", {k: v for k, v in cons.items() if v > 0})
-        trial.set_user_attr("feasible", feasible)
-        trial.set_user_attr("steps", _plain(steps))
         if int8:
             trial.set_user_attr("int8", _plain(int8))
-        trial.set_user_attr("parity", _plain(res.report.get("parity")))
-        trial.set_user_attr("artifacts", str(tdir.resolve()))
-        trial.set_user_attr("seconds", round(time.perf_counter() - t0, 2))
         _console.info("  " + describe_figures(fig, cfg.batch_sizes, feasible, cons)
                       + f" ({time.perf_counter() - t0:.1f}s)"
                       + "".join(f"; {r['step']}: INT8 {'faster' if r['faster'] else '[yellow]not faster[/yellow]'}"
                                 for r in int8))
         return fig["latency_ratio"], fig["size_kb"], fig["val_accuracy"]
+
+
+def record_stopped(trial: Any, tdir: Path, t0: float, e: BaseException) -> None:
+    """A trial stopped early: its files go, its time and the reason stay."""
+    shutil.rmtree(tdir, ignore_errors=True)
+    trial.set_user_attr("seconds", round(time.perf_counter() - t0, 2))
+    _console.info(f"  [yellow]stopped early[/yellow]: {e}")
+
+
+def record_failure(trial: Any, tdir: Path, t0: float, e: BaseException) -> None:
+    """A trial raised: its files go; the error (type, message, traceback tail) is kept in the study."""
+    shutil.rmtree(tdir, ignore_errors=True)
+    trial.set_user_attr("error", {"type": type(e).__name__, "message": str(e)[:2000],
+                                  "traceback": traceback.format_exc(limit=-6)[-4000:]})
+    trial.set_user_attr("seconds", round(time.perf_counter() - t0, 2))
+    _console.info(f"  [red]failed[/red] ({type(e).__name__}): {str(e).splitlines()[0][:300] if str(e) else ''}")
+
+
+def record_result(trial: Any, s: Session, res: Any, tdir: Path,
+                  t0: float) -> tuple[dict[str, Any], dict[str, float], bool, list[dict[str, Any]]]:
+    """A finished trial's figures, constraints and step reports into the study; returns
+    ``(figures, constraint values, feasible, plain step reports)``."""
+    fig = figures_of(res.report["result"], s.baseline["val"])
+    cons = constraint_values(s.budget, fig, s.cfg.batch_sizes)
+    for key, value in cons.items():
+        trial.set_constraint(key, value)
+    feasible = all(v <= 0 for v in cons.values())
+    steps = [{k: v for k, v in r.items() if isinstance(v, (int, float, str, bool)) or v is None}
+             for r in res.report["steps"]]
+    trial.set_user_attr("figures", _plain(fig))
+    trial.set_user_attr("violations", {k: v for k, v in cons.items() if v > 0})
+    trial.set_user_attr("feasible", feasible)
+    trial.set_user_attr("steps", _plain(steps))
+    trial.set_user_attr("parity", _plain(res.report.get("parity")))
+    trial.set_user_attr("artifacts", str(tdir.resolve()))
+    trial.set_user_attr("seconds", round(time.perf_counter() - t0, 2))
+    return fig, cons, feasible, steps
 
 
 def describe_figures(fig: dict[str, Any], batch_sizes: list[int], feasible: bool | None = None,

@@ -168,6 +168,9 @@ def compress(
                            "model: copy it elsewhere or choose another --out.")
     url = storage or default_storage(out)
     name = study or out.resolve().name or "slimkit"
+    # bad data or a bad model fails here, before anything is created or a previous search removed
+    bundle = validation_subset(resolve_data(data, seed), val_size, seed)
+    net = resolve_model(model, bundle, weights=weights, trust_pickle=trust_pickle)
 
     if overwrite:
         _clean_outputs(out, storage is not None)
@@ -183,8 +186,6 @@ def compress(
     if storage is None:
         store = open_storage(url)
 
-    bundle = validation_subset(resolve_data(data, seed), val_size, seed)
-    net = resolve_model(model, bundle, weights=weights, trust_pickle=trust_pickle)
     spec, weights_path = (model, weights) if isinstance(model, str) else (None, weights)
     if not isinstance(model, str) and weights is None and origin_of(net).get("model"):
         weights_path = save_model(net, out / "input.safetensors")  # so workers can rebuild it
