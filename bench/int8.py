@@ -47,14 +47,12 @@ def main() -> None:
         shutil.rmtree(folder, ignore_errors=True)
         arts, acc, kernels, verdicts, secs = {}, {}, {}, {}, {}
         t0 = time.perf_counter()
-        res = slimkit.apply(["export"], model, data, target="ort-cpu", threads=THREADS, out=folder / "fp32",
-                            measure_baseline=False, layers=False, max_seconds=0.3)
+        res = slimkit.apply(["export"], model, data, out=folder / "fp32", baseline=False, target=slimkit.Target("ort-cpu", threads=THREADS, max_seconds=0.3, layers=False))
         arts["fp32"], acc["fp32"], kernels["fp32"], secs["fp32"] = (res.onnx_path, res.report["result"]["accuracy"],
                                                                      {}, time.perf_counter() - t0)
         for label, sub, recipe in VARIANTS:
             t0 = time.perf_counter()
-            res = slimkit.apply(recipe, model, data, target="ort-cpu", threads=THREADS, out=folder / sub,
-                                measure_baseline=False, layers=False, max_seconds=0.6)
+            res = slimkit.apply(recipe, model, data, out=folder / sub, baseline=False, target=slimkit.Target("ort-cpu", threads=THREADS, max_seconds=0.6, layers=False))
             step = next(s for s in res.report["steps"] if "faster" in s)
             arts[label], acc[label] = res.onnx_path, res.report["result"]["accuracy"]
             kernels[label] = int8_ops(res.onnx_path)

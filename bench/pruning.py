@@ -43,8 +43,7 @@ def _apply(recipe, name, data, out):
     from slimkit import api
 
     _, weights, _ = baseline(name, data)
-    return api.apply([*recipe, "export"], BASELINES[name]["spec"], data, weights=weights, target="ort-cpu",
-                     batch_sizes=(1,), threads=THREADS, out=out, overwrite=True, max_seconds=0.2, layers=False)
+    return api.apply([*recipe, "export"], api.ModelRef(BASELINES[name]["spec"], weights=weights), data, out=out, overwrite=True, target=api.Target("ort-cpu", batch_sizes=(1,), threads=THREADS, max_seconds=0.2, layers=False))
 
 
 def unstructured(data, work: Path) -> str:

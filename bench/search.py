@@ -87,8 +87,8 @@ def resnet() -> None:
     model, weights, _ = baseline("resnet", full)
     data = validation_subset(full, RESNET_VAL_SIZE, 0)  # the same subset the search judges trials on
     folder = CACHE / "search-resnet"
-    common = dict(target="ort-cpu", threads=THREADS, batch_sizes=BATCHES, measure_baseline=False, layers=False,
-                  max_seconds=0.3, overwrite=True)
+    common = dict(target=slimkit.Target("ort-cpu", batch_sizes=BATCHES, threads=THREADS, max_seconds=0.3, layers=False),
+                  baseline=False, overwrite=True)
     t0 = time.perf_counter()
     fp32 = slimkit.apply(["export"], model, data, out=folder / "fp32", **common)
     tp = slimkit.apply([{"prune_structured": {"ratio": 0.5}}, {"finetune": FT}, "export"], model, data,
@@ -268,9 +268,7 @@ def samplers() -> None:
     rows, arts, reports = [], {}, {}
     import slimkit
 
-    fp32 = slimkit.apply(["export"], weights=weights, model="zoo:lenet5", data=data, target="ort-cpu",
-                         threads=THREADS, batch_sizes=BATCHES, out=CACHE / "search-samplers" / "fp32", overwrite=True,
-                         measure_baseline=False, layers=False, max_seconds=0.3)
+    fp32 = slimkit.apply(["export"], data=data, out=CACHE / "search-samplers" / "fp32", overwrite=True, baseline=False, model=slimkit.ModelRef("zoo:lenet5", weights=weights), target=slimkit.Target("ort-cpu", batch_sizes=BATCHES, threads=THREADS, max_seconds=0.3, layers=False))
     arts["fp32"] = fp32.onnx_path
     for name in SAMPLERS:
         report, err, secs = _run_compress(

@@ -9,12 +9,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import datetime as _dt
-import os
-import platform
-import shutil
-import tempfile
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,54 +17,16 @@ import torch
 from torch import nn
 
 from . import _console, _io
-from .data import DataBundle, load_data
+from ._provenance import run_info
+from .data import DataBundle, load_data, resolve_data
 from .errors import SlimkitError
-from .measure import default_threads
+from .measure import Target
 from .measure import profile as _profile
-from .models import check_fits, load_model, save_model
-from .recipe import Context, Recipe, run_recipe
-from .training import TrainConfig, fit, evaluate
+from .models import ModelRef, resolve_model, save_model
+from .pipeline import ApplyResult, Recipe, apply_recipe, write_result
+from .training import TrainConfig, evaluate, fit
 
-__all__ = ["train", "profile", "apply", "demo", "TrainResult", "ApplyResult", "resolve_data", "resolve_model"]
-
-
-def resolve_data(data: DataBundle | str, seed: int = 0) -> DataBundle:
-    return data if isinstance(data, DataBundle) else load_data(data, seed=seed)
-
-
-def resolve_model(
-    model: nn.Module | str | None,
-    data: DataBundle,
-    *,
-    weights: str | Path | None = None,
-    trust_pickle: bool = False,
-) -> nn.Module:
-    """A model object, or the model a spec (and weights) build, checked against the data."""
-    if isinstance(model, nn.Module):
-        if weights:
-            from .models import apply_weights, load_weights
-
-            apply_weights(model, load_weights(weights), str(weights), type(model).__name__)
-        m, name = model, type(model).__name__
-    else:
-        m = load_model(model, weights=weights, trust_pickle=trust_pickle,
-                       input_shape=data.input_shape, num_classes=data.num_classes)
-        from .models import origin_of
-
-        name = origin_of(m).get("model") or "the model"
-    check_fits(m, data.input_shape, data.num_classes, data.name, name)
-    return m
-
-
-def _run_info(target: str | None = None, threads: int | None = None) -> dict[str, Any]:
-    return {
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "slimkit": __import__("slimkit").__version__,
-        "torch": torch.__version__,
-        "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine()},
-        **({"target": target} if target else {}),
-        **({"threads": threads} if threads else {}),
-    }
+__all__ = ["train", "profile", "apply", "demo", "TrainResult", "ApplyResult", "ModelRef", "Target"]
 
 
 # ----------------------------------------------------------------------------- train
@@ -120,7 +76,7 @@ def train(
         "seconds": round(report["seconds"], 2),
         "config": dataclasses.asdict(cfg),
         "history": report["history"],
-        **_run_info(),
+        **run_info(),
     }
     if out is not None:
         out = Path(out)
@@ -134,134 +90,70 @@ def train(
 
 
 def profile(
-    model: nn.Module | str | None,
+    model: nn.Module | str | ModelRef | None,
     data: DataBundle | str = "digits",
     *,
-    weights: str | Path | None = None,
-    trust_pickle: bool = False,
+    target: Target = Target(),
     onnx: str | Path | None = None,
-    target: str = "ort-cpu",
-    batch_sizes: Sequence[int] = (1, 64),
-    threads: int | None = None,
     seed: int = 0,
-    max_seconds: float = 2.0,
-    layers: bool = True,
 ) -> dict[str, Any]:
-    """Measure a model (or an ONNX file with ``onnx=``) on a target; see :func:`slimkit.measure.profile`."""
+    """Measure a model (or an ONNX file with ``onnx=``) on a target; see :func:`slimkit.measure.profile`.
+
+    >>> p = profile("zoo:lenet300", "digits", target=Target(batch_sizes=(1,), max_seconds=0.1))
+    >>> p["params"]
+    50610
+    """
     bundle = resolve_data(data, seed)
     net = None
-    if onnx is None or target != "ort-cpu":
-        net = resolve_model(model, bundle, weights=weights, trust_pickle=trust_pickle)
+    if onnx is None or target.runtime != "ort-cpu":
+        net = resolve_model(model, bundle)
     elif not Path(onnx).is_file():
         raise SlimkitError(f"ONNX file {onnx} does not exist.")
-    return _profile(net, bundle, target=target, batch_sizes=batch_sizes, threads=threads,
-                    onnx_path=onnx, max_seconds=max_seconds, layers=layers)
+    return _profile(net, bundle, target=target.runtime, batch_sizes=target.batch_sizes, threads=target.threads,
+                    onnx_path=onnx, max_seconds=target.max_seconds, layers=target.layers)
 
 
 # ----------------------------------------------------------------------------- apply
 
 
-@dataclass
-class ApplyResult:
-    """What :func:`apply` returns: the compressed model, its artifact and the JSON report."""
-
-    model: nn.Module
-    onnx_path: Path
-    report: dict[str, Any]
-
-
 def apply(
     recipe: Recipe | str | Path | list | dict,
-    model: nn.Module | str,
+    model: nn.Module | str | ModelRef,
     data: DataBundle | str = "digits",
     *,
-    weights: str | Path | None = None,
-    trust_pickle: bool = False,
-    target: str = "ort-cpu",
-    batch_sizes: Sequence[int] = (1, 64),
-    threads: int | None = None,
+    target: Target = Target(),
     out: str | Path | None = None,
     overwrite: bool = False,
     seed: int = 0,
-    max_seconds: float = 2.0,
-    layers: bool = True,
-    epoch_callbacks: Sequence[Any] = (),
-    measure_baseline: bool = True,
-    split: str = "test",
+    baseline: bool = True,
 ) -> ApplyResult:
     """Run a recipe on a copy of the model, export, and measure the artifact on the target.
 
     With ``out``, writes ``model.onnx``, ``model.safetensors`` and ``result.json`` there
-    (each atomically; ``result.json`` last). The input model is never changed. ``split``
-    names the data split the result's accuracy is measured on (the search uses ``"val"``).
+    (each atomically; ``result.json`` last). The input model is never changed; ``baseline=False``
+    skips measuring it first.
 
-    >>> res = apply([{"finetune": {"epochs": 1}}, "export"], "zoo:lenet300", "digits", max_seconds=0.2)
+    >>> res = apply([{"finetune": {"epochs": 1}}, "export"], "zoo:lenet300", "digits",
+    ...             target=Target(max_seconds=0.1))
     >>> sorted(res.report)[:3]
     ['baseline', 'batch_sizes', 'created']
     """
-    from .measure.backends import get_backend
-
-    get_backend(target)  # unknown target: fail before any work
     recipe = Recipe.coerce(recipe)
-    recipe.validate(target)
+    recipe.validate(target.runtime)
     bundle = resolve_data(data, seed)
-    out_dir = _io.prepare_out_dir(out, overwrite=overwrite, inputs=[weights, model if isinstance(model, str) else None]) if out else None
-    net = resolve_model(model if isinstance(model, str) else copy.deepcopy(model), bundle,
-                        weights=weights, trust_pickle=trust_pickle)
-    recipe.check_model(net)  # e.g. unknown layer names: before the baseline is measured
-    threads = int(threads or default_threads())
-    baseline = None
-    if measure_baseline:
-        with _console.status(f"measuring the baseline on {target}"):
-            baseline = _profile(net, bundle, target=target, batch_sizes=batch_sizes, threads=threads,
-                                max_seconds=max_seconds, layers=layers)
-    workdir = Path(tempfile.mkdtemp(prefix=".slimkit-work-", dir=out_dir))
-    try:
-        teacher = copy.deepcopy(net).eval()
-        ctx = Context(model=net, data=bundle, workdir=workdir, target=target, threads=threads,
-                      batch_sizes=tuple(int(b) for b in batch_sizes), teacher=teacher,
-                      epoch_callbacks=list(epoch_callbacks), max_seconds=max_seconds)
-        run_recipe(recipe, ctx)
-        net = ctx.model  # a step may replace the model (e.g. distill with a student architecture)
-        if ctx.onnx_path is None:  # every result is measured on an exported artifact
-            from .methods.core import export_step
-
-            ctx.reports.append({"step": "export (automatic)", **export_step(ctx)})
-        with _console.status(f"measuring the result on {target}"):
-            result = _profile(net if target != "ort-cpu" else None, bundle, target=target,
-                              batch_sizes=batch_sizes, threads=threads, onnx_path=ctx.onnx_path,
-                              max_seconds=max_seconds, layers=layers, split=split)
-        report = {
-            "model": model if isinstance(model, str) else type(model).__name__,
-            "weights": str(weights) if weights else None,
-            "data": bundle.name,
-            "batch_sizes": [int(b) for b in batch_sizes],
-            "split": split,
-            "recipe": recipe.to_data(),
-            "baseline": baseline,
-            "result": result,
-            "parity": ctx.parity,
-            "steps": ctx.reports,
-            **_run_info(target, threads),
-        }
-        if out_dir is not None:
-            onnx_final = out_dir / "model.onnx"
-            _io.atomic_write(onnx_final, lambda tmp: shutil.copyfile(ctx.onnx_path, tmp))
-            save_model(net, out_dir / "model.safetensors")
-            report["files"] = {"onnx": str(onnx_final), "weights": str(out_dir / "model.safetensors"),
-                               "report": str(out_dir / "result.json")}
-            for fname, src in ctx.extra.get("outputs", {}).items():  # files a step made, e.g. model.slim
-                _io.atomic_write(out_dir / fname, lambda tmp, src=src: shutil.copyfile(src, tmp))
-                report["files"][fname] = str(out_dir / fname)
-            _io.write_json(out_dir / "result.json", report)
-            onnx_path = onnx_final
-        else:
-            keep = Path(tempfile.mkdtemp(prefix="slimkit-")) / "model.onnx"
-            shutil.copyfile(ctx.onnx_path, keep)
-            onnx_path = keep
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
-    return ApplyResult(net, onnx_path, report)
+    ref = model if isinstance(model, ModelRef) else None
+    weights = ref.weights if ref else None
+    spec = ref.spec if ref else model
+    out_dir = _io.prepare_out_dir(out, overwrite=overwrite, inputs=[weights, spec if isinstance(spec, str) else None]) \
+        if out else None
+    net = resolve_model(copy.deepcopy(model) if isinstance(model, nn.Module) else model, bundle)
+    recipe.check_model(net)  # e.g. unknown layer names: before anything is measured
+    res = apply_recipe(recipe, net, bundle, target, out=out_dir, baseline=baseline)
+    name = (ref.name if ref else model) if not isinstance(model, nn.Module) else type(model).__name__
+    res.report = {"model": name, "weights": str(weights) if weights else None, **res.report}
+    if out_dir is not None:
+        write_result(out_dir, res.report)
+    return res
 
 
 # ----------------------------------------------------------------------------- demo

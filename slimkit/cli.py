@@ -12,6 +12,8 @@ from rich.console import Console
 
 from . import _console
 from .errors import SlimkitError
+from .measure import Target
+from .models import ModelRef
 
 app = typer.Typer(
     name="slimkit",
@@ -110,8 +112,8 @@ def profile(
     if model and model.startswith("zoo:") and weights is None:
         _console.info("note: no --weights given, so the zoo model is measured with its initial (untrained) "
                       "weights; accuracy will be near chance.")
-    p = _profile(model, data, weights=weights, trust_pickle=trust_pickle, onnx=onnx, target=target,
-                 batch_sizes=parse_batches(batch), threads=threads, seed=seed, max_seconds=max_seconds)
+    p = _profile(ModelRef(model, weights, trust_pickle), data, onnx=onnx, seed=seed,
+                 target=Target(target, parse_batches(batch), threads, max_seconds))
     if as_json:
         sys.stdout.write(json.dumps(p) + "\n")
         return
@@ -137,15 +139,14 @@ def apply(
 ) -> None:
     """Run a recipe on a model, export it, and measure before and after on the target."""
     from .api import apply as _apply
-    from .recipe import Recipe
+    from .pipeline import Recipe
     from .report import compare_table
 
     _console.set_quiet(quiet)
     rec = Recipe.load(recipe)  # a bad recipe fails here, before anything is loaded
     require_model(model, weights)
-    res = _apply(rec, model, data, weights=weights, trust_pickle=trust_pickle, target=target,
-                 batch_sizes=parse_batches(batch), threads=threads, out=out, overwrite=overwrite, seed=seed,
-                 max_seconds=max_seconds)
+    res = _apply(rec, ModelRef(model, weights, trust_pickle), data, out=out, overwrite=overwrite, seed=seed,
+                 target=Target(target, parse_batches(batch), threads, max_seconds))
     stdout.print(compare_table(res.report["baseline"], res.report["result"], title=str(recipe)))
     stdout.print(f"wrote {out}/model.onnx, {out}/model.safetensors, {out}/result.json")
 
@@ -171,7 +172,7 @@ def steps() -> None:
 
     from rich.table import Table
 
-    from .recipe import get_step, step_names
+    from .pipeline import get_step, step_names
 
     t = Table(title="recipe steps")
     t.add_column("step")

@@ -14,7 +14,7 @@ from slimkit.methods.architecture import Separable, SeparableConv2d, separable_
 from slimkit.methods.decompose import LowRank, LowRankConv2d, decompose_
 from slimkit.methods.distill import teacher_gap
 from slimkit.models import load_model
-from slimkit.recipe import get_step
+from slimkit.pipeline import get_step
 from slimkit.training import TrainConfig, evaluate, fit
 
 
@@ -177,9 +177,7 @@ def test_structured_pruning_after_separable_with_a_channel_multiplier(trained, d
     import slimkit
 
     model, _ = trained("lenet5")
-    res = slimkit.apply([{"separable": {"multiplier": 2}}, {"prune_structured": {"ratio": 0.47}}, "export"], model,
-                        digits, target="ort-cpu", threads=1, out=tmp_path / "sp", measure_baseline=False, layers=False,
-                        max_seconds=0.05)
+    res = slimkit.apply([{"separable": {"multiplier": 2}}, {"prune_structured": {"ratio": 0.47}}, "export"], model, digits, out=tmp_path / "sp", baseline=False, target=slimkit.Target("ort-cpu", threads=1, max_seconds=0.05, layers=False))
     step = next(s for s in res.report["steps"] if s["step"] == "prune_structured")
     assert "cannot be pruned" in step["skipped"]["conv1.1"]
     assert step["pruned_layers"]  # the rest was pruned

@@ -14,7 +14,7 @@ from slimkit.export import export_onnx, fold_batchnorm, parity
 from slimkit.measure import count_macs, count_params, graph_stats
 from slimkit.methods.decompose import CPConv2d, LowRank, LowRankConv2d, LowRankLinear, Tucker2Conv2d, decompose_
 from slimkit.models import load_model, structure_of
-from slimkit.recipe import Recipe, get_step
+from slimkit.pipeline import Recipe, get_step
 
 
 class Net(nn.Module):

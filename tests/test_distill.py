@@ -13,7 +13,7 @@ from slimkit.export import export_onnx
 from slimkit.measure import count_params, graph_stats
 from slimkit.methods.distill import Distill, Distillation, FeatureDistillation, distill, teacher_gap
 from slimkit.models import create_model, load_model
-from slimkit.recipe import Context, Recipe, get_step
+from slimkit.pipeline import Context, Recipe, get_step
 from slimkit.training import TrainConfig, fit
 
 
@@ -114,8 +114,7 @@ def test_distill_step_trains_a_smaller_student_and_it_reloads(trained, digits, t
     teacher, weights = trained("lenet5")
     recipe = [{"distill": {"student": "zoo:lenet300,hidden=[32,16]", "epochs": 6, "lr": 3e-3, "batch_size": 32,
                            "features": {"relu1": "relu"}, "feature_weight": 0.1}}, "export"]
-    res = slimkit.apply(recipe, "zoo:lenet5", digits, weights=weights, out=tmp_path / "run", batch_sizes=(1,),
-                        max_seconds=0.1, threads=1)
+    res = slimkit.apply(recipe, slimkit.ModelRef("zoo:lenet5", weights=weights), digits, out=tmp_path / "run", target=slimkit.Target(batch_sizes=(1,), threads=1, max_seconds=0.1))
     step = res.report["steps"][0]
     assert step["student"] == "zoo:lenet300,hidden=[32,16]" and step["adapters"] == {"relu1": "Linear(32 -> 500)"}
     assert type(res.model).__name__ == "LeNet300" and res.model.fc1.out_features == 32

@@ -12,7 +12,7 @@ from torch import nn
 from slimkit.errors import ConfigError, SlimkitError
 from slimkit.export import export_onnx, parity
 from slimkit.measure import count_macs, count_params, graph_stats
-from slimkit.methods.core import Finetune
+from slimkit.pipeline import Finetune
 from slimkit.methods.prune import (
     MaskHook,
     Structured,
@@ -26,7 +26,7 @@ from slimkit.methods.prune import (
     sparse_onnx,
 )
 from slimkit.models import create_model, load_model, save_model
-from slimkit.recipe import Recipe
+from slimkit.pipeline import Recipe
 from slimkit.training import TrainConfig, evaluate, fit
 
 
@@ -190,8 +190,7 @@ def test_unstructured_recipe_keeps_masks_through_finetune_and_stores_sparse(trai
 
     model, weights = trained("lenet300")
     res = slimkit.apply([{"prune_unstructured": {"sparsity": 0.9}}, {"finetune": {"epochs": 1, "batch_size": 64}},
-                         "export", "store_sparse"], "zoo:lenet300", digits, weights=weights, batch_sizes=(1,),
-                        max_seconds=0.05, layers=False)
+                         "export", "store_sparse"], slimkit.ModelRef("zoo:lenet300", weights=weights), digits, target=slimkit.Target(batch_sizes=(1,), max_seconds=0.05, layers=False))
     steps = {s["step"]: s for s in res.report["steps"]}
     masks = masks_of(res.model)
     assert set(masks) == {"fc1", "fc2", "fc3"}
@@ -414,7 +413,7 @@ def test_global_structured_ranks_channels_across_layers(digits):
 def test_search_spaces_draw_valid_configs():
     import optuna
 
-    from slimkit.recipe import get_step
+    from slimkit.pipeline import get_step
 
     on = {"prune_structured.on": True, "prune_structured.ratio": 0.3, "prune_structured.importance": "taylor"}
     assert get_step("prune_structured").space(optuna.trial.FixedTrial(on)) == Structured(0.3, importance="taylor")
@@ -454,8 +453,7 @@ def test_sparse_storage_of_a_qat_artifact_is_judged_against_the_dense_file(train
 
     model, _ = trained("lenet5")
     res = slimkit.apply([{"prune_unstructured": {"sparsity": 0.6}}, {"qat": {"epochs": 1, "max_batches": 5}},
-                         "export", "store_sparse"], model, digits, target="ort-cpu", threads=1, out=tmp_path / "q",
-                        measure_baseline=False, layers=False, max_seconds=0.05)
+                         "export", "store_sparse"], model, digits, out=tmp_path / "q", baseline=False, target=slimkit.Target("ort-cpu", threads=1, max_seconds=0.05, layers=False))
     step = next(s for s in res.report["steps"] if s["step"] == "store_sparse")
     assert step["dense_agreement"]["top1_agreement"] == 1.0 and step["dense_agreement"]["max_abs_diff"] < 1e-4
     assert step["sparse_bytes"] <= step["dense_bytes"]  # int8 values with int64 indices would not pay: kept dense

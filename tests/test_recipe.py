@@ -5,7 +5,7 @@ import yaml
 
 from slimkit.config import config_from_dict, config_to_dict
 from slimkit.errors import ConfigError
-from slimkit.recipe import Recipe, get_step, step_names
+from slimkit.pipeline import Recipe, get_step, step_names
 
 
 @pytest.mark.parametrize("name", step_names())

@@ -18,7 +18,7 @@ import pytest
 import torch
 import yaml
 
-from slimkit.recipe import Recipe, get_step
+from slimkit.pipeline import Recipe, get_step
 from slimkit.search import Budget, compress, draw_recipe, make_sampler, searchable_steps
 from slimkit.search._objective import EarlyStop
 from slimkit.search._space import GridTrial, off_switch, warm_start

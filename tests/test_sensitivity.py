@@ -8,7 +8,7 @@ import torch
 
 from slimkit.errors import ConfigError, SlimkitError
 from slimkit.methods.prune import Unstructured, allocate, prune_, sensitivity
-from slimkit.recipe import Recipe
+from slimkit.pipeline import Recipe
 from slimkit.training import evaluate
 
 

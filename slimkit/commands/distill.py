@@ -82,9 +82,9 @@ def distill_cmd(
 ) -> None:
     """Train a (smaller) student model from a teacher by knowledge distillation, export and measure both."""
     from ..api import apply as _apply
-    from ..methods.core import Export
+    from ..pipeline import Export
     from ..methods.distill import Distill
-    from ..recipe import Recipe, Step
+    from ..pipeline import Recipe, Step
 
     _console.set_quiet(quiet)
     if not teacher and not teacher_weights:
@@ -132,9 +132,9 @@ def decompose_cmd(
     from rich.table import Table
 
     from ..api import apply as _apply
-    from ..methods.core import Export, Finetune
+    from ..pipeline import Export, Finetune
     from ..methods.decompose import LowRank
-    from ..recipe import Recipe, Step
+    from ..pipeline import Recipe, Step
     from ..report import fmt_count
 
     _console.set_quiet(quiet)

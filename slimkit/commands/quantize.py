@@ -36,7 +36,8 @@ def deep_compress(
     quiet: QuietOpt = False,
 ) -> None:
     """Deep Compression: prune, share weights (k-means), Huffman-code; write DIR/model.slim and DIR/result.json."""
-    from ..api import resolve_data, resolve_model
+    from ..data import resolve_data
+    from ..models import resolve_model
     from ..methods.coding import DeepCompression, deep_compress as _deep_compress, paper_table, parse_layer_values
     from ..report import fmt_bytes
 

@@ -31,7 +31,7 @@ import torch
 
 from ..errors import SlimkitError
 
-__all__ = ["DataBundle", "load_data", "register_source", "SPLITS"]
+__all__ = ["DataBundle", "load_data", "resolve_data", "register_source", "SPLITS"]
 
 SPLITS = ("train", "val", "test")
 
@@ -352,3 +352,8 @@ def import_object(spec: str, *, what: str) -> Any:
         return getattr(mod, attr)
     except AttributeError:
         raise SlimkitError(f"module '{module}' has no '{attr}' (the {what} '{spec}').") from None
+
+
+def resolve_data(data: DataBundle | str, seed: int = 0) -> DataBundle:
+    """``data`` itself, or the bundle a spec (``"digits"``, ``"idx:DIR"``...) loads with ``seed``."""
+    return data if isinstance(data, DataBundle) else load_data(data, seed=seed)

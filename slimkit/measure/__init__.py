@@ -43,9 +43,11 @@ __all__ = [
     "target_names",
     "default_threads",
     "time_runs",
+    "Target",
 ]
 
 from ._graph import count_ops, graph_stats  # noqa: E402
+from ._target import Target  # noqa: E402
 
 
 def count_params(model: nn.Module) -> dict[str, int]:

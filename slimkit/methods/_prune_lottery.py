@@ -93,7 +93,8 @@ def lottery(
     >>> [r["remaining"] for r in res.report["rounds"]]  # doctest: +SKIP
     [1.0, 0.8, 0.64]
     """
-    from ..api import resolve_data, resolve_model
+    from ..data import resolve_data
+    from ..models import resolve_model
 
     cfg = dataclasses.replace(train, epochs=epochs, seed=seed) if train is not None else TrainConfig(epochs=epochs, seed=seed)
     check(rounds >= 1, "rounds", f"must be >= 1, got {rounds}")

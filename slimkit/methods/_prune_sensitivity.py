@@ -62,7 +62,8 @@ def sensitivity(
     >>> r = sensitivity("zoo:lenet300", "digits", "unstructured", [0.5, 0.9], target=0.7)  # doctest: +SKIP
     >>> r["layers"]["fc1"]["accuracy"], r["allocation"]["ratios"]  # doctest: +SKIP
     """
-    from ..api import resolve_data, resolve_model
+    from ..data import resolve_data
+    from ..models import resolve_model
 
     if method not in METHODS:
         raise ConfigError(f"unknown method '{method}'; choose one of {', '.join(METHODS)}", field="method")

@@ -37,7 +37,7 @@ from .. import _console
 from ..config import check
 from ..errors import ConfigError
 from ..models import record_structure, register_structure_op, set_module
-from ..recipe import Context, register_space, register_step
+from ..pipeline import Context, register_space, register_step
 from .decompose import Factorized, _cost, _example_for, _Site, _trace_shapes, decomposable_layers
 
 __all__ = ["Separable", "separable_", "SeparableConv2d"]

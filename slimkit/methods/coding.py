@@ -42,9 +42,9 @@ from ..config import check
 from ..data import DataBundle
 from ..errors import ConfigError, SlimkitError
 from ..export.packed import CodedTensor, read_packed, write_packed
-from ..recipe import Context, register_space, register_step
+from ..pipeline import Context, register_space, register_step
 from ..training import evaluate, fit
-from .core import Finetune
+from ..pipeline import Finetune
 
 __all__ = ["DeepCompression", "DeepCompressed", "deep_compress", "share_weights_", "SharedWeightsHook",
            "parse_layer_values", "paper_table"]
@@ -492,7 +492,7 @@ def _deep_compress_step(ctx: Context, cfg: DeepCompression) -> dict[str, Any]:
     t = report["total"]
     _console.info(f"  packed: {_fmt_bytes(t['file_bytes'])} vs {_fmt_bytes(t['dense_fp32_bytes'])} fp32 dense "
                   f"({t['ratio']:.1f}x); accuracy {report['accuracy']['before']:.4f} -> {report['accuracy']['after']:.4f}")
-    ctx.extra.setdefault("outputs", {})["model.slim"] = path  # apply(out=DIR) writes DIR/model.slim
+    ctx.outputs["model.slim"] = path  # apply(out=DIR) writes DIR/model.slim
     report["packed_bytes"] = t["file_bytes"]
     report["packed_ratio"] = t["ratio"]
     return report

@@ -46,7 +46,7 @@ from .. import _console
 from ..config import check
 from ..errors import ConfigError, SlimkitError
 from ..models import origin_of, record_structure, register_structure_op, set_module
-from ..recipe import Context, register_space, register_step
+from ..pipeline import Context, register_space, register_step
 
 __all__ = [
     "LowRank",

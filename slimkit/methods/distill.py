@@ -38,7 +38,7 @@ from .. import _console
 from ..config import check
 from ..data import DataBundle
 from ..errors import ConfigError, SlimkitError
-from ..recipe import Context, register_space, register_step
+from ..pipeline import Context, register_space, register_step
 from ..training import TrainConfig, fit
 
 __all__ = ["Distillation", "Distill", "distill", "FeatureDistillation", "teacher_gap"]

@@ -30,7 +30,7 @@ from .. import _console
 from ..config import check
 from ..data import DataBundle
 from ..errors import SlimkitError
-from ..recipe import Context, register_space, register_step
+from ..pipeline import Context, register_space, register_step
 from ..training import fit
 from ._prune_masks import (
     AGPSchedule,
@@ -48,7 +48,7 @@ from ._prune_lottery import LotteryResult, lottery, plot_lottery
 from ._prune_sensitivity import allocate, plot_sensitivity, sensitivity
 from ._prune_structured import IMPORTANCES, prune_channels_
 from ._prune_sparse import csr_bytes, load_csr, save_csr, sparse_onnx
-from .core import Finetune
+from ..pipeline import Finetune
 
 __all__ = [
     "Unstructured",

@@ -49,9 +49,9 @@ from ..config import check
 from ..data import DataBundle
 from ..errors import ConfigError, ExportError, SlimkitError
 from ..models import record_structure, register_structure_op, set_module
-from ..recipe import Context, register_space, register_step
+from ..pipeline import Context, ExportTransform, register_space, register_step
 from ..training import fit
-from .core import Finetune, export_step
+from ..pipeline import Finetune, export_step
 
 __all__ = [
     "StaticInt8",
@@ -1116,7 +1116,7 @@ def qat_ranges(model: nn.Module, onnx_path: str | Path) -> dict[str, tuple[float
     return out
 
 
-def _qat_export(cfg: QAT):
+def _qat_export(cfg: QAT) -> ExportTransform:
     def transform(ctx: Context, float_path: Path) -> tuple[Path, dict[str, Any]]:
         static = StaticInt8(calibration_size=cfg.calibration_size, per_channel=cfg.per_channel,
                             activation_type=cfg.activation_type, weight_type="int8", keep_float=list(cfg.keep_float),
@@ -1129,15 +1129,15 @@ def _qat_export(cfg: QAT):
         ctx.onnx_path = saved
         return Path(path), report
 
-    transform.min_agreement = cfg.min_agreement  # integer kernels round unlike fake quantization: export's bar
-    return transform
+    # integer kernels round unlike fake quantization: the step's own bar holds for export's parity
+    return ExportTransform(transform, min_agreement=cfg.min_agreement)
 
 
 @register_step("qat", QAT, forbids={"exported", "quantized", "fake_quant"}, sets={"fake_quant"}, targets={"ort-cpu"})
 def _qat_step(ctx: Context, cfg: QAT) -> dict[str, Any]:
     """Quantization-aware training (fake quantization, straight-through); the export runs INT8 QDQ kernels."""
     report = quantize_(ctx.model, cfg, data=ctx.data, teacher=ctx.teacher, hooks=ctx.train_hooks())
-    ctx.extra["export_transform"] = _qat_export(cfg)
+    ctx.export_transform = _qat_export(cfg)
     return report
 
 

@@ -23,6 +23,7 @@ import json
 import pickle
 import re
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +32,10 @@ import yaml
 from torch import nn
 
 from .. import _io
-from ..data import import_object
+from .._plugins import load_methods
+from ..data import DataBundle, import_object
 from ..errors import SlimkitError
+from ..layers import set_module
 from .zoo import create_model, register_model, zoo_names
 
 __all__ = [
@@ -49,6 +52,9 @@ __all__ = [
     "origin_of",
     "set_origin",
     "check_fits",
+    "resolve_model",
+    "ModelRef",
+    "set_module",
 ]
 
 PICKLE_SUFFIXES = {".pt", ".pth", ".pkl", ".pickle", ".bin", ".ckpt"}
@@ -80,13 +86,6 @@ def register_structure_op(name: str) -> Callable[[_StructureOp], _StructureOp]:
         return fn
 
     return deco
-
-
-def set_module(root: nn.Module, name: str, new: nn.Module) -> None:
-    """Replace the submodule ``name`` (dotted) of ``root`` by ``new``."""
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, new)
 
 
 def record_structure(model: nn.Module, op: dict[str, Any]) -> None:
@@ -124,7 +123,7 @@ def _replay(model: nn.Module, ops: list[dict[str, Any]], source: str) -> None:
 
 
 def _import_methods() -> None:
-    from .. import methods  # noqa: F401  (registers the methods' structure ops)
+    load_methods()  # the methods register their structure ops
 
 
 # ----------------------------------------------------------------------------- building
@@ -364,3 +363,56 @@ def check_fits(model: nn.Module, input_shape: Sequence[int], num_classes: int, d
             f"{model_name} outputs {out.shape[1]} classes but {data_name} has {num_classes}; "
             "build it with num_classes from the data."
         )
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A model given by reference: a spec (``zoo:NAME``, ``package.module:function``, ``FILE.pt``),
+    its weights, and whether a pickled file may be unpickled. A model slimkit saved needs only
+    ``weights`` (its spec is inside).
+
+    >>> ModelRef("zoo:lenet5", weights="runs/lenet5/model.safetensors").spec
+    'zoo:lenet5'
+    """
+
+    spec: str | None = field(default=None, metadata={"flag": "--model", "short": "-m", "help":
+                             "zoo:NAME[,key=value...], package.module:function, or FILE.pt with --trust-pickle."})
+    weights: str | Path | None = field(default=None, metadata={"flag": "--weights", "short": "-w", "help":
+                                       "Weights: .safetensors, or a state dict (loaded with weights_only=True)."})
+    trust_pickle: bool = field(default=False, metadata={"flag": "--trust-pickle", "help":
+                               "Allow --model FILE.pt, a fully pickled module. Unpickling runs code from the file: "
+                               "only for files you trust."})
+
+    @property
+    def name(self) -> str | None:
+        """What reports call the model: its spec, else its weights file."""
+        return self.spec or (str(self.weights) if self.weights else None)
+
+
+def resolve_model(
+    model: nn.Module | str | ModelRef | None,
+    data: DataBundle,
+    *,
+    weights: str | Path | None = None,
+    trust_pickle: bool = False,
+) -> nn.Module:
+    """A model object (weights applied if given), or the model a spec or a :class:`ModelRef`
+    builds, checked against the data's input shape and class count.
+
+    >>> from slimkit.data import load_data
+    >>> net = resolve_model("zoo:lenet300", load_data("digits"))
+    >>> type(net).__name__
+    'LeNet300'
+    """
+    if isinstance(model, ModelRef):
+        model, weights, trust_pickle = model.spec, model.weights, model.trust_pickle
+    if isinstance(model, nn.Module):
+        if weights:
+            apply_weights(model, load_weights(weights), str(weights), type(model).__name__)
+        m, name = model, type(model).__name__
+    else:
+        m = load_model(model, weights=weights, trust_pickle=trust_pickle,
+                       input_shape=data.input_shape, num_classes=data.num_classes)
+        name = origin_of(m).get("model") or "the model"
+    check_fits(m, data.input_shape, data.num_classes, data.name, name)
+    return m

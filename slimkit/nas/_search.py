@@ -34,7 +34,7 @@ from torch import nn
 from .. import _console, _io
 from ..data import DataBundle
 from ..errors import ConfigError, SlimkitError
-from ..recipe import Recipe
+from ..pipeline import Recipe
 from ._space import Arch, Family, Space, arch_summary, get_family
 from ._table import LatencyTable, _space_arg, build_latency_table, relative_error
 
@@ -203,8 +203,7 @@ class NasObjective:
     def __call__(self, trial: Any) -> tuple[float, float, float]:
         import optuna
 
-        from ..api import apply
-        from ..search._objective import describe_figures, record_failure, record_result, record_stopped
+        from ..search._objective import apply_trial, describe_figures, record_failure, record_result, record_stopped
 
         s, cfg, nas = self.s, self.s.cfg, self.nas
         t0 = time.perf_counter()
@@ -256,11 +255,8 @@ class NasObjective:
         try:
             torch.manual_seed(cfg.seed)  # the candidate's initial weights (finetune builds it from the spec)
             with _console.muted() if not s.verbose else contextlib.nullcontext():
-                res = apply(recipe, apply_model, s.data, target=cfg.target, batch_sizes=cfg.batch_sizes,
-                            threads=cfg.threads, out=tdir, overwrite=True, seed=cfg.seed, max_seconds=cfg.max_seconds,
-                            layers=False, epoch_callbacks=[stop, RecalibrateBN(s.data.x_train, nas["proxy_epochs"],
-                                                                               seed=cfg.seed)],
-                            measure_baseline=False, split="val")
+                res = apply_trial(recipe, apply_model, s.data, cfg, tdir,
+                                  hooks=[stop, RecalibrateBN(s.data.x_train, nas["proxy_epochs"], seed=cfg.seed)])
         except optuna.TrialPruned as e:
             record_stopped(trial, tdir, t0, e)
             raise
@@ -469,7 +465,8 @@ def nas(
     """
     import optuna
 
-    from ..api import resolve_data, resolve_model
+    from ..data import resolve_data
+    from ..models import resolve_model
     from ..measure import default_threads
     from ..measure.backends import get_backend
     from ..models import save_model
@@ -683,7 +680,7 @@ def _final(st: Any, session: Any, out: Path) -> Any:
     """``final(best_trial)`` for ``write_results``: the best architecture trained fully (or kept)."""
 
     def final(best: Any) -> dict[str, Any]:
-        from ..api import apply
+        from ..search._objective import apply_trial
 
         cfg, nas = session.cfg, session.cfg.extra["nas"]
         spec = best.user_attrs["student"]
@@ -701,10 +698,8 @@ def _final(st: Any, session: Any, out: Path) -> Any:
                           f"{nas['final_epochs']} epochs" + (" distilled from the teacher" if nas["teacher"] else ""))
             torch.manual_seed(cfg.seed)
             t0 = time.perf_counter()
-            apply(recipe, session.model if nas["teacher"] else spec, session.data, target=cfg.target,
-                  batch_sizes=cfg.batch_sizes, threads=cfg.threads, out=folder, overwrite=True, seed=cfg.seed,
-                  max_seconds=cfg.max_seconds, layers=False, measure_baseline=False, split="val",
-                  epoch_callbacks=[RecalibrateBN(session.data.x_train, nas["final_epochs"], seed=cfg.seed)])
+            apply_trial(recipe, session.model if nas["teacher"] else spec, session.data, cfg, folder,
+                        hooks=[RecalibrateBN(session.data.x_train, nas["final_epochs"], seed=cfg.seed)])
             st.set_user_attr(FINAL_ATTR, {"trial": best.number, "recipe": recipe.to_data(),
                                           "seconds": round(time.perf_counter() - t0, 1)})
         else:

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import _console
-from ..data import DataBundle
+from ..data import DataBundle, resolve_data
 from ..errors import SlimkitError
 from ._space import Arch, Family, Space, get_family
 from ._table import _space_arg
@@ -154,7 +154,6 @@ def train_supernet(
     Each step: the largest, the smallest and ``random_subnets`` random sub-networks, on the same
     batch; Adam with a cosine schedule. Returns ``steps``, ``subnets_per_step``, ``seconds``.
     """
-    from ..api import resolve_data
     from ..training import distillation_loss
 
     bundle = resolve_data(data, seed)
@@ -205,7 +204,6 @@ def evaluate_subnet(supernet: Supernet, arch: Arch, data: DataBundle | str, *, s
                     bn_batches: int = 8, seed: int = 0) -> tuple[float, nn.Module]:
     """Accuracy of ``arch`` with the supernet's weights (batch norm re-estimated on
     ``bn_batches`` training batches), and the extracted model."""
-    from ..api import resolve_data
     from ..training import evaluate
     from ._search import recalibrate_bn
 

@@ -51,7 +51,8 @@ import torch
 from torch import nn
 
 from .. import _console, _io
-from ..data import DataBundle
+from .._provenance import run_info
+from ..data import DataBundle, resolve_data
 from ..errors import SlimkitError
 from ._space import Arch, Family, Space, get_family, load_space
 
@@ -436,7 +437,6 @@ def build_latency_table(
     >>> sorted(table.data["fixed_ms"])  # doctest: +SKIP
     ['0.5']
     """
-    from ..api import resolve_data
     from ..measure import default_threads
     from ..measure.backends import get_backend
 
@@ -601,7 +601,6 @@ def build_latency_table(
     for ref in references:
         wk = _width_key(ref["arch"]["width"])
         ref["predicted_ms"] = fixed[wk] + ref["blocks_ms"]
-    from ..api import _run_info
 
     table = LatencyTable({
         "kind": "slimkit-latency-table",
@@ -624,7 +623,7 @@ def build_latency_table(
         "validation": None,
         "seconds": round(time.perf_counter() - t_start, 1),
         "machine_load": _loadavg(),
-        **_run_info(target, threads),
+        **run_info(target, threads),
         "measured": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     })
     if val_sessions:

@@ -217,7 +217,7 @@ def _trials_table(rows: list[dict[str, Any]], batch_sizes: Sequence[int]) -> str
 
 
 def _pareto_table(pareto: list[dict[str, Any]], batch_sizes: Sequence[int]) -> str:
-    from ..search._objective import recipe_summary
+    from ..pipeline import recipe_summary
 
     headers = ["trial", "recipe", "val acc", "test acc"] + [f"speed-up @{b}" for b in batch_sizes] + ["size KB"]
     rows, classes = [], []
@@ -231,7 +231,7 @@ def _pareto_table(pareto: list[dict[str, Any]], batch_sizes: Sequence[int]) -> s
 
 
 def _infeasible(report: dict[str, Any]) -> str:
-    from ..search._objective import recipe_summary
+    from ..pipeline import recipe_summary
 
     parts = ['<div class="box"><p class="bad">No trial met the budget.</p>']
     if report.get("unmet"):

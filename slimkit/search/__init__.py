@@ -1,7 +1,7 @@
 """``slimkit compress``: the best model within a budget, searched jointly across every method.
 
 The search is an Optuna study (define-by-run): each trial draws a recipe from the spaces the
-registered steps carry (:func:`slimkit.recipe.register_space`), applies it for real, and is
+registered steps carry (:func:`slimkit.pipeline.register_space`), applies it for real, and is
 judged on the exported artifact measured on the target. The budget is a set of hard
 constraints; the objectives (latency, size, accuracy) give a Pareto front; the best feasible
 trial by the chosen objective becomes ``best.onnx``.

@@ -17,6 +17,7 @@ trials record: after each fine-tune epoch, a trial whose accuracy is below the b
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import os
@@ -29,15 +30,17 @@ from typing import Any
 
 from torch import nn
 
-from .. import _console
+from .. import _console, _io
 from ..data import DataBundle, load_data
 from ..errors import SlimkitError
-from ..recipe import Recipe
+from ..measure import Target
+from ..models import resolve_model
+from ..pipeline import ApplyResult, Recipe, apply_recipe, recipe_summary
 from ._space import GridTrial, draw_recipe
 from ._study import Budget, SearchConfig
 
 __all__ = ["Session", "Objective", "EarlyStop", "figures_of", "constraint_values", "measure_baseline",
-           "recipe_summary"]
+           "recipe_summary", "apply_trial"]
 
 
 def _plain(x: Any) -> Any:
@@ -98,23 +101,15 @@ def constraint_limits(budget: Budget, batch_sizes: list[int]) -> dict[str, float
     return out
 
 
-def recipe_summary(recipe: dict[str, Any] | Recipe, params: dict[str, Any] | None = None) -> str:
-    """``prune_structured(ratio=0.41) > finetune(epochs=2, lr=0.0006) > export``: the drawn values."""
-    data = recipe.to_data() if isinstance(recipe, Recipe) else recipe
-    parts = []
-    for item in data.get("steps", []):
-        name = next(iter(item))
-        drawn = {k.split(".", 1)[1]: v for k, v in (params or {}).items()
-                 if k.startswith(name + ".") and not k.endswith(".on")}
-        inner = ", ".join(f"{k}={_short(v)}" for k, v in drawn.items())
-        parts.append(f"{name}({inner})" if inner else name)
-    return " > ".join(parts)
-
-
-def _short(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:.3g}"
-    return str(v)
+def apply_trial(recipe: Recipe | dict[str, Any], model: nn.Module | str, data: DataBundle, cfg: SearchConfig,
+                out: Path, hooks: list[Any] | tuple[Any, ...] = ()) -> ApplyResult:
+    """A trial's recipe applied for real to a copy of ``model`` (or the model a spec builds), its
+    files written to ``out``, the artifact measured on the *validation* split."""
+    recipe = Recipe.coerce(recipe)
+    _io.prepare_out_dir(out, overwrite=True)
+    net = resolve_model(copy.deepcopy(model) if isinstance(model, nn.Module) else model, data)
+    target = Target(cfg.target, tuple(cfg.batch_sizes), cfg.threads, cfg.max_seconds, layers=False)
+    return apply_recipe(recipe, net, data, target, out=out, hooks=hooks, baseline=False, split="val")
 
 
 # ----------------------------------------------------------------------------- the baseline
@@ -221,8 +216,6 @@ class Objective:
     def __call__(self, trial: Any) -> tuple[float, float, float]:
         import optuna
 
-        from ..api import apply
-
         s, cfg = self.s, self.s.cfg
         t0 = time.perf_counter()
         trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid()})
@@ -235,9 +228,7 @@ class Objective:
             count = f"/{self.total}" if self.total else ""
             _console.info(f"[bold]trial {trial.number}[/bold]{count}: {recipe_summary(recipe, trial.params)}")
             with _console.muted() if not s.verbose else contextlib.nullcontext():
-                res = apply(recipe, s.model, s.data, target=cfg.target, batch_sizes=cfg.batch_sizes,
-                            threads=cfg.threads, out=tdir, overwrite=True, seed=cfg.seed, max_seconds=cfg.max_seconds,
-                            layers=False, epoch_callbacks=[stop], measure_baseline=False, split="val")
+                res = apply_trial(recipe, s.model, s.data, cfg, tdir, hooks=[stop])
         except optuna.TrialPruned as e:
             if s.floor is not None and stop.curve:  # samplers see how far from the budget it was
                 trial.set_constraint("accuracy_drop", s.baseline["val"]["accuracy"] - stop.curve[-1]

@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from .. import _console, _io
+from .._provenance import run_info
 from ..errors import NoFeasibleTrialError
-from ._objective import Session, constraint_limits, recipe_summary
+from ._objective import Session, apply_trial, constraint_limits, recipe_summary
 from ._study import SearchConfig, redact
 
 __all__ = ["write_results", "trial_rows", "RESULT_FILES"]
@@ -102,16 +103,11 @@ def _artifacts(trial: Any, session: Session) -> tuple[Path, str | None]:
     path = Path(trial.user_attrs.get("artifacts", ""))
     if (path / "model.onnx").is_file() and (path / "model.safetensors").is_file():
         return path, None
-    from ..api import apply
-
-    cfg = session.cfg
     where = session.trial_dir(trial.number)
     _console.info(f"trial {trial.number}'s files are not reachable here ({path}); rebuilding them from its recipe")
     with _console.muted():
-        apply(trial.user_attrs["recipe"], trial.user_attrs.get("model") or session.model, session.data,
-              target=cfg.target, batch_sizes=cfg.batch_sizes,
-              threads=cfg.threads, out=where, overwrite=True, max_seconds=cfg.max_seconds, layers=False,
-              measure_baseline=False, split="val")
+        apply_trial(trial.user_attrs["recipe"], trial.user_attrs.get("model") or session.model, session.data,
+                    session.cfg, where)
     return where, f"rebuilt from its recipe on this machine (the trial ran on {trial.user_attrs.get('worker')})"
 
 
@@ -177,7 +173,6 @@ def write_results(study: Any, session: Session, *, storage: str, out: Path,
     ``folder`` holding the model that becomes ``best.*``, its ``recipe``, the ``model`` it
     applies to and a ``note``; ``extra`` is merged into ``result.json`` (and the report).
     """
-    from ..api import _run_info
     from ..report.html import render_report
 
     cfg = session.cfg
@@ -217,7 +212,7 @@ def write_results(study: Any, session: Session, *, storage: str, out: Path,
         "budget_text": cfg.budget_obj.describe(tuple(cfg.batch_sizes)),
         "baseline": baseline_test(session.baseline),
         "trials": counts,
-        **_run_info(cfg.target, cfg.threads),
+        **run_info(cfg.target, cfg.threads),
         **(extra or {}),
     }
     files = {"trials": str(out / "trials.csv"), "report": str(out / "report.html"), "result": str(out / "result.json")}
@@ -237,7 +232,7 @@ def write_results(study: Any, session: Session, *, storage: str, out: Path,
     best_folder = done["folder"] if done else folder
     _io.atomic_write(out / "best.onnx", lambda p: shutil.copyfile(best_folder / "model.onnx", p))
     _io.atomic_write(out / "best.safetensors", lambda p: shutil.copyfile(best_folder / "model.safetensors", p))
-    from ..recipe import Recipe
+    from ..pipeline import Recipe
 
     recipe = Recipe.from_data(done["recipe"] if done else best_t.user_attrs["recipe"])
     command = (extra or {}).get("command", "compress")

@@ -143,7 +143,8 @@ def compress(
     """
     import optuna
 
-    from ..api import resolve_data, resolve_model
+    from ..data import resolve_data
+    from ..models import resolve_model
     from ..measure import default_threads
     from ..measure.backends import get_backend
     from ..models import origin_of, save_model

@@ -6,7 +6,7 @@ is asked, so the trial records no parameter for it. Each space returns a config 
 (leave the step out). The assembled recipe is then validated like any user recipe.
 
 A new method joins the search by registering its space next to its config
-(:func:`slimkit.recipe.register_space`); nothing here names a method.
+(:func:`slimkit.pipeline.register_space`); nothing here names a method.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from ..errors import ConfigError
-from ..recipe import Recipe, Step, StepSpec, get_step, step_names
+from ..pipeline import Recipe, Step, StepSpec, get_step, step_names
 
 __all__ = ["searchable_steps", "draw_recipe", "GridTrial", "GRID_LEVELS", "off_switch", "warm_start"]
 

@@ -9,10 +9,11 @@ from .. import _console
 from ..config import check
 from ..errors import ExportError
 from ..export import export_onnx, parity
-from ..recipe import Context, register_space, register_step
 from ..training import TrainConfig, fit
+from ._context import Context
+from ._recipe import register_space, register_step
 
-__all__ = ["Finetune", "Export"]
+__all__ = ["Finetune", "Export", "export_step"]
 
 
 @dataclass
@@ -72,13 +73,13 @@ def export_step(ctx: Context, cfg: Export | None = None) -> dict[str, Any]:
     with _console.status("exporting to ONNX"):
         export_onnx(ctx.model, path, ctx.data.example(2), opset=cfg.opset)
     float_path, transformed = path, {}
-    transform = ctx.extra.get("export_transform")  # e.g. QAT: the float export -> integer QDQ kernels
+    transform = ctx.export_transform  # e.g. QAT: the float export -> integer QDQ kernels
     if transform is not None:
-        path, transformed = transform(ctx, float_path)
+        path, transformed = transform.fn(ctx, float_path)
     x = ctx.data.x_test[: cfg.parity_samples]
     result = parity(ctx.model, path, x, threads=ctx.threads)
     # an integer artifact (QAT) rounds differently from torch's fake quantization: its own step's threshold holds
-    least = min(cfg.min_agreement, getattr(transform, "min_agreement", 1.0))
+    least = min(cfg.min_agreement, transform.min_agreement if transform is not None else 1.0)
     if result["top1_agreement"] < least:
         raise ExportError(
             f"the exported ONNX model disagrees with the torch model on {1 - result['top1_agreement']:.1%} of "

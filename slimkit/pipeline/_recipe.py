@@ -23,7 +23,6 @@ invalid order is rejected before any work starts, with the reason.
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,12 +31,12 @@ from typing import Any
 import yaml
 from torch import nn
 
-from . import _console
-from .config import config_from_dict, config_to_dict
-from .data import DataBundle
-from .errors import ConfigError, SlimkitError
+from .._plugins import load_methods
+from ..config import config_from_dict, config_to_dict
+from ..errors import ConfigError, SlimkitError
 
-__all__ = ["register_step", "register_space", "step_names", "get_step", "StepSpec", "Step", "Recipe", "Context", "run_recipe", "FLAGS"]
+__all__ = ["register_step", "register_space", "step_names", "get_step", "StepSpec", "Step", "Recipe", "FLAGS",
+           "recipe_summary"]
 
 # What each state flag means, for the messages that reject a recipe order.
 FLAGS: dict[str, str] = {
@@ -52,7 +51,7 @@ FLAGS: dict[str, str] = {
 class StepSpec:
     name: str
     config: type
-    handler: Callable[["Context", Any], dict[str, Any] | None]
+    handler: Callable[[Any, Any], dict[str, Any] | None]  # (Context, config) -> report
     requires: frozenset[str] = frozenset()
     forbids: frozenset[str] = frozenset()
     sets: frozenset[str] = frozenset()
@@ -60,6 +59,7 @@ class StepSpec:
     targets: frozenset[str] | None = None
     space: Callable[..., Any] | None = None
     order: int = 50
+    reports_speed: bool = False  # its report holds a measured speed verdict (``faster``, ``speedup``, ``latency_ms``)
 
     @property
     def doc(self) -> str:
@@ -81,8 +81,13 @@ def register_step(
     sets: Iterable[str] = (),
     clears: Iterable[str] = (),
     targets: Iterable[str] | None = None,
+    reports_speed: bool = False,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Register ``handler(ctx, config) -> report dict`` as recipe step ``name``."""
+    """Register ``handler(ctx, config) -> report dict`` as recipe step ``name``.
+
+    ``reports_speed``: the step times its artifact against the one before it and says in its
+    report whether it is ``faster`` (with ``speedup`` and ``latency_ms``); the search shows it.
+    """
     if not dataclasses.is_dataclass(config):
         raise TypeError(f"step '{name}': config must be a dataclass")
     for flag in (*requires, *forbids, *sets, *clears):
@@ -92,7 +97,7 @@ def register_step(
     def deco(handler: Callable[..., Any]) -> Callable[..., Any]:
         _STEPS[name] = StepSpec(
             name, config, handler, frozenset(requires), frozenset(forbids), frozenset(sets), frozenset(clears),
-            frozenset(targets) if targets is not None else None,
+            frozenset(targets) if targets is not None else None, reports_speed=reports_speed,
         )
         return handler
 
@@ -119,7 +124,7 @@ def register_space(name: str, *, order: int) -> Callable[[Callable[..., Any]], C
 
 
 def _ensure_registered() -> None:
-    from . import methods  # noqa: F401  (importing registers every method's steps)
+    load_methods()  # importing the methods registers their steps
 
 
 def step_names() -> list[str]:
@@ -238,59 +243,22 @@ class Recipe:
                 state[flag] = f"step {i} '{step.name}'"
 
 
-@dataclass
-class Context:
-    """What the steps of a recipe share while they run.
+def recipe_summary(recipe: dict[str, Any] | Recipe, params: dict[str, Any] | None = None) -> str:
+    """``prune_structured(ratio=0.41) > finetune(epochs=2, lr=0.0006) > export``: the drawn values.
 
-    ``model`` is changed in place by torch-level steps; ``onnx_path`` is set by ``export`` and
-    replaced by ONNX-level steps (e.g. static INT8). ``teacher`` is a frozen copy of the model
-    as it was before the recipe, used for distillation. ``hooks`` are training hooks that
-    stay active for every later fine-tune (e.g. pruning masks). ``extra`` is free-form; two keys
-    are read by the spine: ``"export_transform"``, ``fn(ctx, float_onnx) -> (onnx, report)`` that
-    ``export`` applies to its float export (QAT turns it into integer QDQ; a ``min_agreement``
-    attribute on it lowers the parity bar for that artifact), and ``"outputs"``,
-    ``{file name: path}`` that ``apply(out=DIR)`` copies into DIR (e.g. ``model.slim``).
+    >>> recipe_summary({"steps": [{"finetune": {}}, {"export": {}}]}, {"finetune.epochs": 2})
+    'finetune(epochs=2) > export'
     """
-
-    model: nn.Module
-    data: DataBundle
-    workdir: Path
-    target: str = "ort-cpu"
-    threads: int = 1
-    batch_sizes: tuple[int, ...] = (1, 64)
-    teacher: nn.Module | None = None
-    onnx_path: Path | None = None
-    float_onnx_path: Path | None = None
-    parity: dict[str, Any] | None = None
-    hooks: list[Any] = field(default_factory=list)
-    state: set[str] = field(default_factory=set)
-    reports: list[dict[str, Any]] = field(default_factory=list)
-    epoch_callbacks: list[Any] = field(default_factory=list)
-    max_seconds: float = 2.0
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def train_hooks(self) -> list[Any]:
-        return [*self.hooks, *self.epoch_callbacks]
-
-    def new_path(self, stem: str, suffix: str = ".onnx") -> Path:
-        """A fresh file path in the work folder (``model-1.onnx``, ``model-2.onnx``, ...)."""
-        i = 1
-        while (self.workdir / f"{stem}-{i}{suffix}").exists():
-            i += 1
-        return self.workdir / f"{stem}-{i}{suffix}"
+    data = recipe.to_data() if isinstance(recipe, Recipe) else recipe
+    parts = []
+    for item in data.get("steps", []):
+        name = next(iter(item))
+        drawn = {k.split(".", 1)[1]: v for k, v in (params or {}).items()
+                 if k.startswith(name + ".") and not k.endswith(".on")}
+        inner = ", ".join(f"{k}={_short(v)}" for k, v in drawn.items())
+        parts.append(f"{name}({inner})" if inner else name)
+    return " > ".join(parts)
 
 
-def run_recipe(recipe: Recipe, ctx: Context) -> list[dict[str, Any]]:
-    """Run every step on ``ctx`` in order; each step's report is appended to ``ctx.reports``."""
-    recipe.validate(ctx.target, ctx.state)
-    recipe.check_model(ctx.model)
-    n = len(recipe.steps)
-    for i, step in enumerate(recipe.steps, 1):
-        spec = get_step(step.name)
-        _console.info(f"[bold]step {i}/{n}: {step.name}[/bold]")
-        t0 = time.perf_counter()
-        report = spec.handler(ctx, step.config) or {}
-        ctx.state -= spec.clears
-        ctx.state |= spec.sets
-        ctx.reports.append({"step": step.name, "seconds": round(time.perf_counter() - t0, 3), **report})
-    return ctx.reports
+def _short(v: Any) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)

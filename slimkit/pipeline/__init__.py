@@ -1,0 +1,25 @@
+"""The spine: recipes, the step registry, the context steps share, and :func:`apply_recipe`.
+
+A recipe in YAML::
+
+    steps:
+      - finetune: {epochs: 3, lr: 0.001}
+      - export: {}
+
+Adding a method = one config dataclass, one handler, one registration (see
+:func:`register_step`); the spine's own steps, ``finetune`` and ``export``, live here.
+
+>>> recipe = Recipe.from_data([{"finetune": {"epochs": 1}}, "export"])
+>>> [s.name for s in recipe.steps]
+['finetune', 'export']
+"""
+
+from ._apply import ApplyResult, apply_recipe, write_result
+from ._context import Context, ExportTransform, run_recipe
+from ._recipe import (FLAGS, Recipe, Step, StepSpec, get_step, recipe_summary, register_space, register_step,
+                      step_names)
+from ._steps import Export, Finetune, export_step
+
+__all__ = ["FLAGS", "Recipe", "Step", "StepSpec", "get_step", "step_names", "register_step", "register_space",
+           "recipe_summary", "Context", "ExportTransform", "run_recipe", "apply_recipe", "ApplyResult", "write_result",
+           "Finetune", "Export", "export_step"]

@@ -1,0 +1,133 @@
+"""The spine: baseline -> steps -> export -> measure the artifact -> report.
+
+:func:`apply_recipe` is what ``slimkit apply``, every search trial and every finalist run: the
+recipe's steps on the model (in place), an export when the recipe made none, and the artifact
+measured on the target.
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .. import _console, _io
+from .._provenance import run_info
+from ..data import DataBundle
+from ..measure import Target
+from ..measure import profile as measure_profile
+from ..models import save_model
+from ._context import Context, run_recipe
+from ._recipe import Recipe
+from ._steps import export_step
+
+__all__ = ["apply_recipe", "ApplyResult", "write_result"]
+
+
+@dataclass
+class ApplyResult:
+    """What :func:`apply_recipe` returns: the compressed model, its artifact and the JSON report.
+
+    Without an output folder the artifact lives in a temporary folder that this result owns: it
+    is removed when the result is garbage-collected (or at exit), so nothing is left behind.
+    """
+
+    model: nn.Module
+    onnx_path: Path
+    report: dict[str, Any]
+    _scratch: tempfile.TemporaryDirectory[str] | None = field(default=None, repr=False, compare=False)
+
+
+def _measure(model: nn.Module | None, data: DataBundle, target: Target, threads: int, *,
+             onnx_path: Path | None = None, split: str = "test") -> dict[str, Any]:
+    return measure_profile(model, data, target=target.runtime, batch_sizes=target.batch_sizes, threads=threads,
+                           onnx_path=onnx_path, max_seconds=target.max_seconds, layers=target.layers, split=split)
+
+
+def apply_recipe(
+    recipe: Recipe,
+    model: nn.Module,
+    data: DataBundle,
+    target: Target,
+    *,
+    out: Path | None = None,
+    hooks: Sequence[Any] = (),
+    baseline: bool = True,
+    split: str = "test",
+) -> ApplyResult:
+    """Run ``recipe`` on ``model`` (changed in place), export, and measure the artifact on ``target``.
+
+    With ``out`` (an existing folder), writes ``model.onnx``, ``model.safetensors`` and the files a
+    step made there, each atomically (:func:`write_result` adds ``result.json``). ``hooks`` join
+    every fine-tune (the search's early stop); ``split`` is where accuracy is measured (the
+    search judges trials on ``"val"``). The caller checks the recipe and the model first.
+    """
+    recipe.validate(target.runtime)
+    recipe.check_model(model)  # e.g. unknown layer names: before the baseline is measured
+    threads = target.resolved_threads
+    measured_before = None
+    if baseline:
+        with _console.status(f"measuring the baseline on {target.runtime}"):
+            measured_before = _measure(model, data, target, threads)
+    workdir = Path(tempfile.mkdtemp(prefix=".slimkit-work-", dir=out))
+    scratch = None
+    try:
+        ctx = Context(model=model, data=data, workdir=workdir, target=target.runtime, threads=threads,
+                      batch_sizes=target.batch_sizes, teacher=copy.deepcopy(model).eval(),
+                      epoch_callbacks=list(hooks), max_seconds=target.max_seconds)
+        run_recipe(recipe, ctx)
+        net = ctx.model  # a step may replace the model (e.g. distill with a student architecture)
+        if ctx.onnx_path is None:  # every result is measured on an exported artifact
+            ctx.reports.append({"step": "export (automatic)", **export_step(ctx)})
+        assert ctx.onnx_path is not None
+        with _console.status(f"measuring the result on {target.runtime}"):
+            result = _measure(net if target.runtime != "ort-cpu" else None, data, target, threads,
+                              onnx_path=ctx.onnx_path, split=split)
+        report = {
+            "data": data.name,
+            "batch_sizes": list(target.batch_sizes),
+            "split": split,
+            "recipe": recipe.to_data(),
+            "baseline": measured_before,
+            "result": result,
+            "parity": ctx.parity,
+            "steps": ctx.reports,
+            **run_info(target.runtime, threads),
+        }
+        if out is not None:
+            onnx_path = _write_outputs(out, ctx, net, report)
+        else:
+            scratch = tempfile.TemporaryDirectory(prefix="slimkit-")
+            onnx_path = Path(scratch.name) / "model.onnx"
+            shutil.copyfile(ctx.onnx_path, onnx_path)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return ApplyResult(net, onnx_path, report, scratch)
+
+
+def _write_outputs(out: Path, ctx: Context, net: nn.Module, report: dict[str, Any]) -> Path:
+    """``model.onnx``, ``model.safetensors`` and the steps' own files; their paths go into the report."""
+    assert ctx.onnx_path is not None
+    src_onnx = ctx.onnx_path
+    onnx_final = out / "model.onnx"
+    _io.atomic_write(onnx_final, lambda tmp: shutil.copyfile(src_onnx, tmp))
+    save_model(net, out / "model.safetensors")
+    report["files"] = {"onnx": str(onnx_final), "weights": str(out / "model.safetensors"),
+                       "report": str(out / "result.json")}
+    for fname, src in ctx.outputs.items():  # files a step made, e.g. model.slim
+        _io.atomic_write(out / fname, lambda tmp, src=src: shutil.copyfile(src, tmp))
+        report["files"][fname] = str(out / fname)
+    return onnx_final
+
+
+def write_result(out: Path, report: dict[str, Any]) -> Path:
+    """``out/result.json``, written atomically after the artifacts it describes."""
+    path = out / "result.json"
+    _io.write_json(path, report)
+    return path
