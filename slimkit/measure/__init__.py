@@ -48,6 +48,7 @@ __all__ = [
 
 from ._graph import count_ops, graph_stats  # noqa: E402
 from ._target import Target  # noqa: E402
+from .timing import interleaved, medians, side_by_side  # noqa: E402
 
 
 def count_params(model: nn.Module) -> dict[str, int]:

@@ -15,11 +15,11 @@ Adding a method = one config dataclass, one handler, one registration (see
 """
 
 from ._apply import ApplyResult, apply_recipe, write_result
-from ._context import Context, ExportTransform, run_recipe
+from ._context import Context, ExportTransform, SpeedVerdict, run_recipe
 from ._recipe import (FLAGS, Recipe, Step, StepSpec, get_step, recipe_summary, register_space, register_step,
                       step_names)
 from ._steps import Export, Finetune, export_step
 
 __all__ = ["FLAGS", "Recipe", "Step", "StepSpec", "get_step", "step_names", "register_step", "register_space",
-           "recipe_summary", "Context", "ExportTransform", "run_recipe", "apply_recipe", "ApplyResult", "write_result",
+           "recipe_summary", "Context", "ExportTransform", "SpeedVerdict", "run_recipe", "apply_recipe", "ApplyResult", "write_result",
            "Finetune", "Export", "export_step"]

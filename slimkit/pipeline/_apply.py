@@ -23,7 +23,7 @@ from ..data import DataBundle
 from ..measure import Target
 from ..measure import profile as measure_profile
 from ..models import save_model
-from ._context import Context, run_recipe
+from ._context import Context, SpeedVerdict, run_recipe
 from ._recipe import Recipe
 from ._steps import export_step
 
@@ -41,6 +41,7 @@ class ApplyResult:
     model: nn.Module
     onnx_path: Path
     report: dict[str, Any]
+    verdicts: list[SpeedVerdict] = field(default_factory=list)
     _scratch: tempfile.TemporaryDirectory[str] | None = field(default=None, repr=False, compare=False)
 
 
@@ -108,7 +109,7 @@ def apply_recipe(
             shutil.copyfile(ctx.onnx_path, onnx_path)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    return ApplyResult(net, onnx_path, report, scratch)
+    return ApplyResult(net, onnx_path, report, list(ctx.verdicts), scratch)
 
 
 def _write_outputs(out: Path, ctx: Context, net: nn.Module, report: dict[str, Any]) -> Path:

@@ -14,7 +14,24 @@ from .. import _console
 from ..data import DataBundle
 from ._recipe import Recipe, get_step
 
-__all__ = ["Context", "ExportTransform", "run_recipe"]
+__all__ = ["Context", "ExportTransform", "SpeedVerdict", "run_recipe"]
+
+
+@dataclass(frozen=True)
+class SpeedVerdict:
+    """What a step that times its artifact found: is the new artifact faster than the one before?
+
+    Steps registered with ``reports_speed=True`` append one to ``ctx.verdicts``; the search and
+    the reports read these instead of guessing from report keys. ``latency_ms`` holds
+    ``{"before": {batch: ms}, "after": {batch: ms}}`` timed side by side; ``applied`` is false
+    when the step reverted its change because it was slower (``if_slower: revert``).
+    """
+
+    step: str
+    faster: bool
+    speedup: dict[str, float]
+    latency_ms: dict[str, dict[str, float]]
+    applied: bool = True
 
 
 @dataclass(frozen=True)
@@ -38,7 +55,8 @@ class Context:
     as it was before the recipe, used for distillation. ``hooks`` are training hooks that
     stay active for every later fine-tune (e.g. pruning masks). ``export_transform`` is applied by
     ``export`` to its float export; ``outputs`` are files a step made, ``{file name: path}``,
-    that ``apply(out=DIR)`` copies into DIR (e.g. ``model.slim``).
+    that ``apply(out=DIR)`` copies into DIR (e.g. ``model.slim``); ``verdicts`` are the measured
+    speed verdicts of the steps that time their artifact (:class:`SpeedVerdict`).
     """
 
     model: nn.Module
@@ -58,6 +76,7 @@ class Context:
     max_seconds: float = 2.0
     export_transform: ExportTransform | None = None
     outputs: dict[str, Path] = field(default_factory=dict)
+    verdicts: list[SpeedVerdict] = field(default_factory=list)
 
     def train_hooks(self) -> list[Any]:
         return [*self.hooks, *self.epoch_callbacks]
