@@ -9,7 +9,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.slimkit-installed
 
-.PHONY: env demo test bench clean
+.PHONY: env demo check test bench clean
 
 env: $(STAMP)
 
@@ -22,9 +22,14 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/slimkit demo
 
+# The linter (ruff) and the type checker (mypy); `make test` runs them first.
+check: $(STAMP)
+	$(BIN)/ruff check slimkit tests bench
+	$(BIN)/mypy
+
 # OMP_WAIT_POLICY=PASSIVE: torch's idle OpenMP threads sleep instead of spinning, so the ONNX
 # Runtime sessions the tests run in the same process get the cores.
-test: $(STAMP)
+test: check
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -q
 
 clean:

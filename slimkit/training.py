@@ -40,6 +40,7 @@ from torch import nn
 from . import _console
 from .config import check
 from .data import DataBundle
+from .errors import ConfigError
 
 __all__ = ["TrainConfig", "fit", "evaluate", "distillation_loss"]
 
@@ -150,8 +151,6 @@ def fit(
     gen = torch.Generator().manual_seed(cfg.seed)
     device = torch.device(cfg.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        from .errors import ConfigError
-
         raise ConfigError("CUDA is not available on this machine; train with device: cpu", field="device")
     home = next((p.device for p in model.parameters()), torch.device("cpu"))
     model.to(device)

@@ -28,9 +28,9 @@ from torch import nn
 
 from .. import _io
 from ..errors import ExportError
-from ..models import set_module
+from ..models import record_structure, register_structure_op, set_module
 
-__all__ = ["export_onnx", "fold_batchnorm", "batchnorm_pairs", "parity", "ort_session"]
+__all__ = ["export_onnx", "fold_batchnorm", "fold_batchnorm_", "batchnorm_pairs", "parity", "ort_session"]
 
 _CONV_OPS = {"aten.conv1d.default", "aten.conv2d.default", "aten.conv3d.default", "aten.linear.default"}
 _BN_OPS = {"aten.batch_norm.default", "aten._native_batch_norm_legit_no_training.default"}
@@ -72,19 +72,56 @@ def fold_batchnorm(model: nn.Module, example: torch.Tensor) -> nn.Module:
     the same function. The original model is not changed.
     """
     m = copy.deepcopy(model).eval()
-    modules = dict(m.named_modules())
-    for conv_name, bn_name in batchnorm_pairs(m, example):
-        conv, bn = modules[conv_name], modules[bn_name]
-        if isinstance(conv, nn.modules.conv._ConvNd) and not conv.transposed:
-            fused = torch.nn.utils.fusion.fuse_conv_bn_eval(conv, bn)
-        elif isinstance(conv, nn.Linear):
-            fused = torch.nn.utils.fusion.fuse_linear_bn_eval(conv, bn)
-        else:
-            continue
-        set_module(m, conv_name, fused)
-        set_module(m, bn_name, nn.Identity())
+    _fuse_(m, batchnorm_pairs(m, example))
     _drop_zero_biases(m)
     return m
+
+
+def fold_batchnorm_(model: nn.Module, example: torch.Tensor) -> list[tuple[str, str]]:
+    """Fold each foldable batch norm into the conv / linear before it, in place; returns the pairs.
+
+    The layers stay the same objects (their weights and biases change), each folded batch norm
+    becomes ``nn.Identity``, and the change is recorded so the saved model reloads.
+
+    >>> from slimkit.models import create_model
+    >>> model = create_model("resnet", input_shape=(1, 8, 8), num_classes=10, width=0.25)
+    >>> len(fold_batchnorm_(model, torch.zeros(2, 1, 8, 8))) > 0
+    True
+    """
+    was = model.training
+    model.eval()
+    pairs = batchnorm_pairs(model, example)
+    _fuse_(model, pairs)
+    model.train(was)
+    if pairs:
+        record_structure(model, {"op": "fold_batchnorm", "pairs": [list(p) for p in pairs]})
+    return pairs
+
+
+def _fuse_(model: nn.Module, pairs: list[tuple[str, str]]) -> None:
+    """Fold each ``(conv or linear, batch norm)`` pair in place (eval statistics); the batch norm becomes ``nn.Identity``."""
+    for conv_name, bn_name in pairs:
+        conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
+        if isinstance(conv, nn.Linear):
+            fused = torch.nn.utils.fusion.fuse_linear_bn_eval(conv, bn)
+        else:
+            fused = torch.nn.utils.fusion.fuse_conv_bn_eval(conv, bn)
+        with torch.no_grad():
+            conv.weight.copy_(fused.weight)
+            if conv.bias is None:
+                conv.bias = nn.Parameter(fused.bias.detach().clone())
+            else:
+                conv.bias.copy_(fused.bias)
+        set_module(model, bn_name, nn.Identity())
+
+
+@register_structure_op("fold_batchnorm")
+def _replay_fold(model: nn.Module, op: dict[str, Any]) -> None:
+    for conv_name, bn_name in op["pairs"]:
+        conv = model.get_submodule(conv_name)
+        if conv.bias is None:
+            conv.bias = nn.Parameter(torch.zeros(conv.weight.shape[0]))
+        set_module(model, bn_name, nn.Identity())
 
 
 def batchnorm_pairs(model: nn.Module, example: torch.Tensor) -> list[tuple[str, str]]:
@@ -258,8 +295,14 @@ def _first_failing_module(model: nn.Module, example: torch.Tensor) -> str | None
 # ----------------------------------------------------------------------------- running ONNX
 
 
-def ort_session(path: str | Path, threads: int = 1, *, profile: bool = False, optimized_path: str | None = None):
-    """An ONNX Runtime CPU session with an explicit thread count."""
+def ort_session(path: str | Path, threads: int = 1, *, profile_dir: str | Path | None = None,
+                optimized_path: str | None = None) -> Any:
+    """An ONNX Runtime CPU session with an explicit thread count.
+
+    ``profile_dir``: profile the session, writing ONNX Runtime's trace into that folder (never the
+    current folder: without a prefix ONNX Runtime creates ``onnxruntime_profile__*.json`` there
+    at session creation, and leaves it behind if a run fails).
+    """
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -268,8 +311,9 @@ def ort_session(path: str | Path, threads: int = 1, *, profile: bool = False, op
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3
-    if profile:
+    if profile_dir is not None:
         so.enable_profiling = True
+        so.profile_file_prefix = str(Path(profile_dir) / "ort-profile")
     if optimized_path:
         so.optimized_model_filepath = str(optimized_path)
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])

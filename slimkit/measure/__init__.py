@@ -5,7 +5,7 @@
 >>> data = load_data("digits")
 >>> model = create_model("lenet300", input_shape=data.input_shape, num_classes=10)
 >>> count_params(model)["params"]
-55610
+50610
 >>> report = profile(model, data, target="ort-cpu", batch_sizes=(1, 64), max_seconds=0.5)
 >>> sorted(report)  # doctest: +NORMALIZE_WHITESPACE
 ['accuracy', 'artifact_bytes', 'batch_sizes', 'layers', 'latency_ms', 'macs', 'nonzero_params',
@@ -28,6 +28,7 @@ from torch import nn
 
 from ..data import DataBundle
 from ..errors import SlimkitError
+from ..export import export_onnx, fold_batchnorm
 from .backends import default_threads, get_backend, target_names, time_runs, torch_threads
 
 __all__ = [
@@ -143,7 +144,6 @@ def _prepare(model: nn.Module | None, onnx_path: Path | None, target: str, threa
     backend = get_backend(target)
     if backend.needs_onnx:
         return backend.prepare(None, onnx_path, threads)
-    from ..export import fold_batchnorm
 
     return backend.prepare(fold_batchnorm(model, example) if model is not None else None, None, threads)
 
@@ -200,7 +200,6 @@ def _profile(
     layers_batch: int | None = None,
     layer_repeats: int = 20,
 ) -> dict[str, Any]:
-    from ..export import export_onnx, fold_batchnorm
 
     backend = get_backend(target)
     threads = int(threads or default_threads())

@@ -29,6 +29,8 @@ import torch
 from torch import nn
 
 from ..errors import SlimkitError
+from ..export import ort_session
+from ._graph import module_of_node
 
 __all__ = ["Runner", "Backend", "get_backend", "register_backend", "target_names", "default_threads", "torch_threads"]
 
@@ -137,8 +139,6 @@ class TorchCPU:
 
 class _OrtRunner:
     def __init__(self, path: Path, threads: int):
-        from ..export import ort_session
-
         self.path = Path(path)
         self.threads = threads
         self.session = ort_session(self.path, threads)
@@ -151,12 +151,9 @@ class _OrtRunner:
         """ONNX Runtime's own profiler, each kernel attributed to the torch module it came from."""
         import onnx
 
-        from ..export import ort_session
-        from ._graph import module_of_node
-
         with tempfile.TemporaryDirectory() as tmp:
             opt_path = Path(tmp) / "optimized.onnx"
-            sess = ort_session(self.path, self.threads, profile=True, optimized_path=str(opt_path))
+            sess = ort_session(self.path, self.threads, profile_dir=tmp, optimized_path=str(opt_path))
             sess.run(None, {self.input: x})  # warm-up (also profiled; dropped below)
             for _ in range(repeats):
                 sess.run(None, {self.input: x})

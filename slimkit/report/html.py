@@ -20,6 +20,7 @@ import io
 from collections.abc import Sequence
 from typing import Any
 
+from ..pipeline import recipe_summary
 from . import fmt_bytes, fmt_count
 
 __all__ = ["render_report"]
@@ -217,8 +218,6 @@ def _trials_table(rows: list[dict[str, Any]], batch_sizes: Sequence[int]) -> str
 
 
 def _pareto_table(pareto: list[dict[str, Any]], batch_sizes: Sequence[int]) -> str:
-    from ..pipeline import recipe_summary
-
     headers = ["trial", "recipe", "val acc", "test acc"] + [f"speed-up @{b}" for b in batch_sizes] + ["size KB"]
     rows, classes = [], []
     for p in pareto:
@@ -231,8 +230,6 @@ def _pareto_table(pareto: list[dict[str, Any]], batch_sizes: Sequence[int]) -> s
 
 
 def _infeasible(report: dict[str, Any]) -> str:
-    from ..pipeline import recipe_summary
-
     parts = ['<div class="box"><p class="bad">No trial met the budget.</p>']
     if report.get("unmet"):
         items = "".join(f"<li><b>{_e(u['constraint'])}</b> &le; {_num(u['limit'])} was met by no trial; the closest, "
