@@ -11,17 +11,21 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import fcntl
+import json
 import os
 import platform
 import re
 import shlex
-import statistics
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+from slimkit import api
+from slimkit.data import load_data
+from slimkit.measure import timing
+from slimkit.models import load_model
+from slimkit.training import TrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS = ROOT / "BENCHMARKS.md"
@@ -67,8 +71,6 @@ def pop_option(args: list[str], name: str, default: str) -> str:
 
 
 def fashion_mnist(seed: int = 0):
-    from slimkit.data import load_data
-
     if not Path(FASHION).is_dir():
         sys.exit(f"Fashion-MNIST is not installed: run `apt-get update && apt-get install -y dataset-fashion-mnist` "
                  f"(it puts the IDX files in {FASHION}).")
@@ -93,12 +95,6 @@ def trained(spec: str, data: Any, *, epochs: int, lr: float = 1e-3, seed: int = 
     Returns ``(model, weights_path, train_report)``. Two scripts asking for the same baseline at
     the same time train it once (a file lock guards the cache entry).
     """
-    import json
-
-    from slimkit import api
-    from slimkit.models import load_model
-    from slimkit.training import TrainConfig
-
     safe = re.sub(r"[^A-Za-z0-9_.=-]+", "_", spec.replace("zoo:", ""))
     folder = CACHE / f"{safe}-{tag}-e{epochs}-lr{lr}-s{seed}"
     with _locked(CACHE / f"{folder.name}.lock"):
@@ -131,25 +127,15 @@ def baseline(name: str, data: Any, device: str = "cpu"):
 
 def side_by_side(artifacts: dict[str, Path], data: Any, batch_sizes: Sequence[int], *, threads: int = 2,
                  rounds: int = 5, max_seconds: float = 1.0) -> dict[str, dict[int, float]]:
-    """Median latency (ms) of each ONNX artifact per batch size, measured interleaved.
+    """Median latency (ms) of each ONNX artifact per batch size, timed side by side by slimkit's
+    one timer (:func:`slimkit.measure.timing.side_by_side`: interleaved rounds, medians over rounds).
 
-    Each round measures every artifact once per batch size (in a rotating order); the figure
-    is the median over rounds, so slow drifts of a noisy machine hit all artifacts alike.
+    ``max_seconds`` is spent on each artifact at each batch size in each round; the result is
+    keyed by the batch size as an int.
     """
-    from slimkit.measure.backends import get_backend, time_runs
-
-    backend = get_backend("ort-cpu")
-    runners = {name: backend.prepare(None, path, threads) for name, path in artifacts.items()}
-    names = list(runners)
-    samples: dict[str, dict[int, list[float]]] = {n: {b: [] for b in batch_sizes} for n in names}
-    for r in range(rounds):
-        order = names[r % len(names):] + names[: r % len(names)]
-        for bs in batch_sizes:
-            x = np.ascontiguousarray(data.example(bs).numpy())
-            for name in order:
-                stats = time_runs(lambda: runners[name](x), max_seconds=max_seconds)
-                samples[name][bs].append(stats["median"])
-    return {n: {b: statistics.median(v) for b, v in per.items()} for n, per in samples.items()}
+    timed = timing.side_by_side(artifacts, data, batch_sizes, threads=threads, rounds=rounds,
+                                max_seconds=max_seconds * rounds)
+    return {name: {int(b): ms for b, ms in per.items()} for name, per in timing.medians(timed).items()}
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

@@ -83,7 +83,7 @@ def _table_path() -> Path:
 def table() -> None:
     from slimkit.measure import count_macs
     from slimkit.nas import arch_summary, build_latency_table, get_family
-    from slimkit.nas._table import relative_error
+    from slimkit.nas import relative_error
 
     data = _data()
     fam = get_family("mobilenetv2")
@@ -117,7 +117,7 @@ def table() -> None:
     err_late = [relative_error(p, m) for p, m in zip(pred, late)]
     err_flops = [relative_error(p, m) for p, m in zip(flops_pred, same)]
     # load drift between the table and the later run, seen on the same networks
-    drift = statistics.median(l / s for l, s in zip(late, same))
+    drift = statistics.median(t_late / t_same for t_late, t_same in zip(late, same))
 
     def summary(errors: list[float]) -> tuple[str, str, str, str]:
         return (f"{statistics.fmean(errors):.1%}", f"{statistics.median(errors):.1%}", f"{max(errors):.1%}",
@@ -214,7 +214,7 @@ def _trial_points(folder: Path, batch: int = 1) -> list[dict]:
 
 
 def _recipe(t) -> str:
-    from slimkit.search._objective import recipe_summary
+    from slimkit.pipeline import recipe_summary
 
     return recipe_summary(t.user_attrs["recipe"], t.params)
 
@@ -229,8 +229,10 @@ def _test_accuracy(onnx: Path, data) -> float:
 def pareto() -> None:
     from slimkit.errors import NoFeasibleTrialError
     from slimkit.export import export_onnx
-    from slimkit.nas import LatencyTable, nas
-    from slimkit.search import compress
+    from slimkit.measure import Target
+    from slimkit.models import ModelRef
+    from slimkit.nas import LatencyTable, NasSpace, nas
+    from slimkit.search import Budget, CompressSpace, Search, Store, compress
 
     data = _data()
     if SMOKE:
@@ -253,22 +255,24 @@ def pareto() -> None:
     preds = sorted(tab.predict(space.random(rng))["ms"] for _ in range(200))
     limit = round(preds[int(len(preds) * 0.7)], 3)  # 30% of the space is over it: rejected untrained
     folder = CACHE / "nas"
+    target = Target("ort-cpu", batch_sizes=(1,), threads=THREADS, max_seconds=0.5)
     t0 = time.perf_counter()
     try:
-        compress(spec, data, weights=weights, target="ort-cpu", batch_sizes=(1,), threads=THREADS,
-                 max_accuracy_drop=None, objective="latency", trials=200, timeout=BUDGET_S, finetune_batches=FT_BATCHES,
-                 val_size=VAL_SIZE, max_seconds=0.5, methods=COMPRESS_METHODS, out=folder / "compress", overwrite=True,
-                 seed=0)
+        compress(ModelRef(spec, weights=weights), data, budget=Budget(max_accuracy_drop=None), target=target,
+                 search=Search(objective="latency", trials=200, timeout=BUDGET_S, val_size=VAL_SIZE, seed=0),
+                 store=Store(out=folder / "compress", overwrite=True),
+                 space=CompressSpace(methods=COMPRESS_METHODS, finetune_batches=FT_BATCHES))
     except NoFeasibleTrialError:
         pass
     compress_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     try:
-        res = nas("mobilenetv2", data, teacher=spec, teacher_weights=weights, target="ort-cpu", batch=1,
-                  threads=THREADS, space=space, latency_table=tab, max_latency_ms=limit, objective="accuracy",
-                  trials=200, timeout=BUDGET_S, proxy_epochs=PROXY_EPOCHS, proxy_batches=PROXY_BATCHES,
-                  final_epochs=FINAL_EPOCHS, final_batches=FINAL_BATCHES, val_size=VAL_SIZE, max_seconds=0.5,
-                  out=folder / "search", overwrite=True, seed=0)
+        res = nas(NasSpace("mobilenetv2", space=space, teacher=ModelRef(spec, weights=weights), latency_table=tab,
+                           proxy_epochs=PROXY_EPOCHS, proxy_batches=PROXY_BATCHES, final_epochs=FINAL_EPOCHS,
+                           final_batches=FINAL_BATCHES),
+                  data, budget=Budget(max_latency_ms=limit, max_accuracy_drop=None), target=target,
+                  search=Search(objective="accuracy", trials=200, timeout=BUDGET_S, val_size=VAL_SIZE, seed=0),
+                  store=Store(out=folder / "search", overwrite=True))
         report = res.report
     except NoFeasibleTrialError as e:  # every trained candidate measured over the limit: report it all the same
         report = json.loads((folder / "search" / "result.json").read_text())
@@ -371,9 +375,9 @@ def supernet() -> None:
     import torch
 
     from slimkit.nas import arch_summary, get_family
-    from slimkit.nas._search import RecalibrateBN
+    from slimkit.nas import RecalibrateBN
     from slimkit.nas._supernet import Supernet, evaluate_subnet, train_supernet
-    from slimkit.search._study import validation_subset
+    from slimkit.search import validation_subset
     from slimkit.methods.distill import Distillation, distill
     from slimkit.models import create_model
     from slimkit.training import TrainConfig, fit

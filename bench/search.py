@@ -58,16 +58,21 @@ def _section(name: str, title: str, body: str) -> None:
         write_section(name, title, body)
 
 
-def _run_compress(**kwargs):
+def _run_compress(model, data, *, weights, search, space, max_seconds, out):
+    """``compress`` at BATCHES and THREADS on ort-cpu, at most 1 point of accuracy lost, a fresh search in ``out``."""
     from slimkit.errors import NoFeasibleTrialError
-    from slimkit.search import compress
+    from slimkit.models import ModelRef
+    from slimkit.search import Budget, Store, compress
+    from slimkit.measure import Target
 
     t0 = time.perf_counter()
     try:
-        res = compress(**kwargs)
+        res = compress(ModelRef(model, weights=weights), data, budget=Budget(max_accuracy_drop=0.01),
+                       target=Target("ort-cpu", batch_sizes=BATCHES, threads=THREADS, max_seconds=max_seconds),
+                       search=search, store=Store(out=out, overwrite=True), space=space)
         report, err = res.report, None
     except NoFeasibleTrialError as e:
-        report, err = json.loads((Path(kwargs["out"]) / "result.json").read_text()), str(e)
+        report, err = json.loads((Path(out) / "result.json").read_text()), str(e)
     return report, err, time.perf_counter() - t0
 
 
@@ -81,7 +86,7 @@ def _pts(change: float) -> str:
 def resnet() -> None:
     import slimkit
 
-    from slimkit.search._study import validation_subset
+    from slimkit.search import CompressSpace, Search, validation_subset
 
     full = fashion_mnist()
     model, weights, _ = baseline("resnet", full)
@@ -99,10 +104,10 @@ def resnet() -> None:
     print(f"fixed recipes done in {fixed_s:.0f}s", file=sys.stderr)
 
     report, err, search_s = _run_compress(
-        model="zoo:resnet", data=full, weights=weights, target="ort-cpu", batch_sizes=BATCHES, threads=THREADS,
-        max_accuracy_drop=0.01, objective="latency", trials=RESNET_TRIALS, timeout=RESNET_TIMEOUT_S,
-        finetune_batches=RESNET_FT_BATCHES, val_size=RESNET_VAL_SIZE, max_seconds=0.5, methods=RESNET_METHODS,
-        out=folder / "search", overwrite=True, seed=0)
+        "zoo:resnet", full, weights=weights, max_seconds=0.5, out=folder / "search",
+        search=Search(objective="latency", trials=RESNET_TRIALS, timeout=RESNET_TIMEOUT_S, val_size=RESNET_VAL_SIZE,
+                      seed=0),
+        space=CompressSpace(methods=RESNET_METHODS, finetune_batches=RESNET_FT_BATCHES))
     arts = {"fp32": fp32.onnx_path, "TP 50%": tp.onnx_path, "INT8": int8.onnx_path, "TP 50% + INT8": both.onnx_path}
     acc = {k: r.report["result"]["accuracy"] for k, r in
            (("fp32", fp32), ("TP 50%", tp), ("INT8", int8), ("TP 50% + INT8", both))}
@@ -117,7 +122,7 @@ def resnet() -> None:
         "TP 50% + INT8": "the TP 50% model > `quantize_static`",
     }
     if "search" in arts:
-        from slimkit.search._objective import recipe_summary
+        from slimkit.pipeline import recipe_summary
 
         recipes["search"] = f"trial {report['best']['trial']}: `{recipe_summary(report['best']['recipe'], report['best']['params'])}`"
     rows = []
@@ -155,7 +160,7 @@ def resnet() -> None:
     pareto = report.get("pareto") or []
     ptable = ""
     if pareto:
-        from slimkit.search._objective import recipe_summary
+        from slimkit.pipeline import recipe_summary
 
         prow = [[p["trial"], f"`{recipe_summary(p['recipe'], p.get('params'))}`", f"{p['search']['val_accuracy']:.4f}",
                  f"{p['test_accuracy']:.4f}", f"{p['search']['speedup']['1']:.2f}x", f"{p['search']['speedup']['64']:.2f}x",
@@ -197,7 +202,9 @@ def _fixed_trials(n: int, seed: int) -> list[dict]:
 def workers() -> None:
     import optuna
 
-    from slimkit.search import compress
+    from slimkit.measure import Target
+    from slimkit.models import ModelRef
+    from slimkit.search import CompressSpace, Search, Store, compress
     from tests._services import postgres_server
 
     data = fashion_mnist()
@@ -210,9 +217,10 @@ def workers() -> None:
         for r in range(WORKER_ROUNDS):
             for n in (1, 2):
                 name = f"throughput-{n}-{r}"
-                compress("zoo:lenet5", data, weights=weights, storage=url, study=name, trials=0, warm=False,
-                         threads=1, batch_sizes=BATCHES, max_seconds=0.2, finetune_batches=20,
-                         out=CACHE / f"search-workers-{n}-{r}", overwrite=True)
+                compress(ModelRef("zoo:lenet5", weights=weights), data,
+                         target=Target(batch_sizes=BATCHES, threads=1, max_seconds=0.2), search=Search(trials=0),
+                         store=Store(out=CACHE / f"search-workers-{n}-{r}", storage=url, study=name, overwrite=True),
+                         space=CompressSpace(finetune_batches=20, warm=False))
                 study = optuna.load_study(study_name=name, storage=url)
                 for params in trials:
                     study.enqueue_trial(params)
@@ -267,21 +275,21 @@ def samplers() -> None:
     _, weights, _ = baseline("lenet5", data)
     rows, arts, reports = [], {}, {}
     import slimkit
+    from slimkit.search import CompressSpace, Search
 
     fp32 = slimkit.apply(["export"], data=data, out=CACHE / "search-samplers" / "fp32", overwrite=True, baseline=False, model=slimkit.ModelRef("zoo:lenet5", weights=weights), target=slimkit.Target("ort-cpu", batch_sizes=BATCHES, threads=THREADS, max_seconds=0.3, layers=False))
     arts["fp32"] = fp32.onnx_path
     for name in SAMPLERS:
         report, err, secs = _run_compress(
-            model="zoo:lenet5", data=data, weights=weights, target="ort-cpu", batch_sizes=BATCHES, threads=THREADS,
-            max_accuracy_drop=0.01, objective="latency", trials=SAMPLER_TRIALS, sampler=name, warm=False,
-            finetune_batches=30, max_seconds=0.3, methods=RESNET_METHODS, out=CACHE / "search-samplers" / name,
-            overwrite=True, seed=0)
+            "zoo:lenet5", data, weights=weights, max_seconds=0.3, out=CACHE / "search-samplers" / name,
+            search=Search(objective="latency", trials=SAMPLER_TRIALS, sampler=name, seed=0),
+            space=CompressSpace(methods=RESNET_METHODS, finetune_batches=30, warm=False))
         reports[name] = (report, err, secs)
         if report["best"] is not None:
             arts[name] = CACHE / "search-samplers" / name / "best.onnx"
         print(f"sampler {name}: {secs:.0f}s", file=sys.stderr)
     lat = side_by_side(arts, data, BATCHES, threads=THREADS, rounds=5, max_seconds=0.5)
-    from slimkit.search._objective import recipe_summary
+    from slimkit.pipeline import recipe_summary
 
     for name in SAMPLERS:
         report, err, secs = reports[name]

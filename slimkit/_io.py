@@ -7,7 +7,7 @@ import os
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from .errors import SlimkitError
 
@@ -22,6 +22,40 @@ RUN_MARKERS = (
     "sensitivity.json",
     "model.slim",
 )
+
+
+T = TypeVar("T")
+
+
+def read_file(path: str | os.PathLike, what: str, reader: Callable[[Path], T], *, expected: str = "") -> T:
+    """``reader(path)`` behind the one guard every file a user gives is read through.
+
+    A missing, empty or unreadable file, or one the reader cannot decode (wrong format,
+    truncated, undecodable bytes), becomes a :class:`SlimkitError` that names the file, says
+    what was expected (``expected``) and what went wrong, instead of a decoder's traceback.
+
+    >>> read_file("/nonexistent.yaml", "recipe", Path.read_text)
+    Traceback (most recent call last):
+    ...
+    slimkit.errors.SlimkitError: recipe /nonexistent.yaml does not exist.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise SlimkitError(f"{what} {path} does not exist.")
+    if not path.is_file():
+        raise SlimkitError(f"{what} {path} is not a file{'; ' + expected if expected else ''}.")
+    if path.stat().st_size == 0:
+        raise SlimkitError(f"{what} {path} is empty{'; ' + expected if expected else ''}.")
+    try:
+        return reader(path)
+    except SlimkitError:
+        raise
+    except MemoryError:
+        raise
+    except Exception as e:  # a decoder's own error (UnicodeDecodeError, protobuf DecodeError, ...)
+        detail = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise SlimkitError(f"{what} {path} cannot be read ({type(e).__name__}: {detail})"
+                           f"{'; ' + expected if expected else ''}.") from None
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:

@@ -1,4 +1,5 @@
-"""The public verbs behind the CLI: ``train``, ``profile``, ``apply``, ``demo``.
+"""The public verbs behind the CLI: ``train``, ``profile``, ``apply``, ``compress``, ``nas``,
+``worker``, ``demo``.
 
 Each takes either ready objects (an ``nn.Module``, a :class:`~slimkit.data.DataBundle`) or
 the same specs the CLI takes (``"zoo:lenet5"``, ``"digits"``), so the CLI and the Python API
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,10 +25,16 @@ from .errors import SlimkitError
 from .measure import Target
 from .measure import profile as _profile
 from .models import ModelRef, resolve_model, save_model
+from .nas import NasResult, NasSpace, nas, nas_worker
 from .pipeline import ApplyResult, Recipe, apply_recipe, write_result
+from .report import compare_table
+from .search import (Budget, CompressResult, CompressSpace, Search, Store, WorkerOptions, check_worker_args, compress,
+                     compress_worker, join_study, trial_counts)
 from .training import TrainConfig, evaluate, fit
 
-__all__ = ["train", "profile", "apply", "demo", "TrainResult", "ApplyResult", "ModelRef", "Target"]
+__all__ = ["train", "profile", "apply", "compress", "nas", "worker", "demo", "TrainResult", "ApplyResult",
+           "CompressResult", "NasResult", "ModelRef", "Target", "Budget", "Search", "Store", "CompressSpace",
+           "NasSpace", "WorkerOptions"]
 
 
 # ----------------------------------------------------------------------------- train
@@ -156,15 +164,52 @@ def apply(
     return res
 
 
+# ----------------------------------------------------------------------------- worker
+
+
+def worker(
+    storage: str,
+    study: str,
+    *,
+    trials: int = 10,
+    total: int | None = None,
+    timeout: float | None = None,
+    out: str | Path | None = None,
+    weights: str | Path | None = None,
+    options: WorkerOptions | None = None,
+) -> dict[str, int]:
+    """Run ``trials`` more trials of a study that ``compress`` or ``nas`` started (``--storage`` shared).
+
+    The study holds the whole search configuration (its kind decides which search runs here), so
+    nothing else is needed; ``out`` puts this worker's trial files elsewhere (another machine),
+    ``weights`` points at a copy of the input weights (its hash must match); ``total`` stops the
+    worker once the study holds that many finished trials (trained candidates for ``nas``), all
+    workers together; ``options`` override the study's sampler or show each step's output.
+    Returns the study's trial counts afterwards.
+
+    >>> worker("postgresql://user@db:5432/slimkit", "lenet5-search", trials=10)  # doctest: +SKIP
+    {'complete': 10, 'pruned': 0, 'fail': 0}
+    """
+    check_worker_args(trials, total, timeout)
+    joined = join_study(storage, study, weights=weights)
+    run = nas_worker if joined.record.kind == "nas" else compress_worker
+    run(joined, trials=trials, total=total, timeout=timeout, out=Path(out) if out else None,
+        options=options or WorkerOptions())
+    counts = trial_counts(joined.study)
+    _console.info(f"worker {os.getpid()} done; the study holds {sum(counts.values())} finished trials "
+                  f"({counts['complete']} complete)")
+    return counts
+
+
 # ----------------------------------------------------------------------------- demo
 
 
 # The demo's budget: lose at most 1 point of validation accuracy; best = fastest at batch 1 and 64.
-DEMO_BUDGET = {"max_accuracy_drop": 0.01}
+DEMO_BUDGET = Budget(max_accuracy_drop=0.01)
 
 
 def demo(out: str | Path = "runs/demo", *, epochs: int = 15, threads: int | None = None, trials: int = 12,
-         timeout: float | None = 150.0, max_seconds: float = 0.3) -> Any:
+         timeout: float | None = 150.0, max_seconds: float = 0.3) -> CompressResult:
     """Train ``lenet5`` on ``digits``, then ``compress`` it within the default budget (``runs/demo``).
 
     Searches every registered method for ``trials`` trials (no new trial starts after
@@ -174,18 +219,17 @@ def demo(out: str | Path = "runs/demo", *, epochs: int = 15, threads: int | None
     >>> res.report["result"]["accuracy"] > 0.9  # doctest: +SKIP
     True
     """
-    from .report import compare_table
-    from .search import compress
-
     out = Path(out)
     data = load_data("digits")
     _console.info(f"[bold]slimkit demo[/bold]: lenet5 on {data.describe()}")
     trained = train("zoo:lenet5", data, epochs=epochs, out=out / "trained", overwrite=True)
     _console.info(f"trained lenet5: test accuracy {trained.report['test_accuracy']:.4f}; searching for the fastest "
                   f"model that loses at most 1 point of validation accuracy ({trials} trials)")
-    res = compress("zoo:lenet5", data, weights=out / "trained" / "model.safetensors", target="ort-cpu",
-                   batch_sizes=(1, 64), threads=threads, objective="latency", trials=trials, timeout=timeout, out=out,
-                   overwrite=True, max_seconds=max_seconds, **DEMO_BUDGET)
+    res = compress(ModelRef("zoo:lenet5", weights=out / "trained" / "model.safetensors"), data, budget=DEMO_BUDGET,
+                   target=Target("ort-cpu", batch_sizes=(1, 64), threads=threads, max_seconds=max_seconds),
+                   search=Search(objective="latency", trials=trials, timeout=timeout),
+                   store=Store(out=out, overwrite=True))
+    assert res.report is not None
     best = res.report["best"]
     _console.console.print(compare_table(res.report["baseline"], res.report["result"],
                                          title=f"slimkit demo: baseline / best (trial {best['trial']}, test split)"))

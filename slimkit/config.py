@@ -95,7 +95,7 @@ def _coerce(value: Any, tp: Any, field: str) -> Any:
             raise ConfigError(f"got {value!r}; expected a mapping", field=field)
         kt, vt = args if args else (Any, Any)
         return {_coerce(k, kt, field): _coerce(v, vt, field) for k, v in value.items()}
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return config_from_dict(tp, value)
     return value
 
@@ -105,7 +105,7 @@ def config_from_dict(cls: type[T], data: dict[str, Any] | None, where: str | Non
     data = dict(data or {})
     if not isinstance(data, dict):
         raise ConfigError(f"expected a mapping of fields, got {data!r}", where=where)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
     hints = typing.get_type_hints(cls)
     kwargs: dict[str, Any] = {}
     try:

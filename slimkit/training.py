@@ -30,7 +30,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -59,17 +59,21 @@ class TrainConfig:
     ``device``: where to train (``cpu``, ``cuda``...); the model comes back on the device it came from.
     """
 
-    epochs: int = 10
-    lr: float = 1e-3
-    optimizer: str = "adam"
+    epochs: int = field(default=10, metadata={"flag": "--epochs", "short": "-e", "help": "Training epochs."})
+    lr: float = field(default=1e-3, metadata={"flag": "--lr", "help": "Learning rate."})
+    optimizer: str = field(default="adam", metadata={"flag": "--optimizer", "help": "adam, adamw or sgd."})
     schedule: str = "cosine"
-    batch_size: int = 128
+    batch_size: int = field(default=128, metadata={"flag": "--batch-size", "help": "Training batch size."})
     weight_decay: float = 0.0
     momentum: float = 0.9
-    patience: int | None = None
-    temperature: float = 4.0
-    alpha: float = 0.7
-    max_batches: int | None = None
+    patience: int | None = field(default=None, metadata={"flag": "--patience", "help":
+                                 "Stop after this many epochs without a better validation accuracy."})
+    temperature: float = field(default=4.0, metadata={"flag": "--temperature", "short": "-T", "help":
+                               "Softmax temperature of the soft targets."})
+    alpha: float = field(default=0.7, metadata={"flag": "--alpha", "help":
+                         "Weight of the soft-target loss (1 - alpha: the hard labels)."})
+    max_batches: int | None = field(default=None, metadata={"flag": "--max-batches", "help":
+                                    "Cap on batches per epoch."})
     seed: int = 0
     device: str = "cpu"
 

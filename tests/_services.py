@@ -219,7 +219,8 @@ def failing_step() -> Iterator[None]:
     Its space adds it only to trial 1, configured to raise, so that trial fails for real inside
     the search (as a broken method would) while the others complete.
     """
-    from slimkit import recipe as rc
+    from slimkit import pipeline as rc
+    from slimkit.pipeline import _recipe
 
     def handler(ctx: Any, cfg: FailWhen) -> dict[str, Any]:
         if cfg.fail:
@@ -234,13 +235,35 @@ def failing_step() -> Iterator[None]:
     try:
         yield
     finally:
-        rc._STEPS.pop("test_fail", None)
+        _recipe._STEPS.pop("test_fail", None)
 
 
 # Every search the tests share (the pytest session is one process): arguments -> (folder, error).
 _SEARCHES: dict[tuple, tuple[Path, Exception | None]] = {}
 
 FAST = {"batch_sizes": (1, 16), "threads": 1, "max_seconds": 0.05, "finetune_batches": 3}
+
+# which option object each flat argument of a test belongs to
+_OPTION_OF = {
+    "target": ("runtime", "batch_sizes", "threads", "max_seconds"),
+    "budget": ("max_latency_ms", "min_throughput", "max_size_kb", "max_accuracy_drop"),
+    "search": ("objective", "trials", "timeout", "sampler", "seed", "val_size", "verbose"),
+    "store": ("out", "storage", "study", "overwrite"),
+    "space": ("methods", "finetune_batches", "warm"),
+}
+
+
+def compress_options(**flat: Any) -> dict[str, Any]:
+    """``compress``'s option objects from flat arguments, e.g. ``compress_options(trials=2, out=d, **FAST)``."""
+    from slimkit.measure import Target
+    from slimkit.search import Budget, CompressSpace, Search, Store
+
+    classes = {"target": Target, "budget": Budget, "search": Search, "store": Store, "space": CompressSpace}
+    unknown = set(flat) - {k for keys in _OPTION_OF.values() for k in keys}
+    assert not unknown, f"not an option of compress: {unknown}"
+    defaults = {"target": {"max_seconds": 1.0}}
+    return {name: classes[name](**{**defaults.get(name, {}), **{k: v for k, v in flat.items() if k in keys}})
+            for name, keys in _OPTION_OF.items()}
 
 
 def small_search(root: Path, weights: Path, **kwargs: Any) -> tuple[Path, Exception | None]:
@@ -250,6 +273,7 @@ def small_search(root: Path, weights: Path, **kwargs: Any) -> tuple[Path, Except
     must not change the folder (copy it first).
     """
     from slimkit.errors import NoFeasibleTrialError
+    from slimkit.models import ModelRef
     from slimkit.search import compress
 
     key = tuple(sorted((k, repr(v)) for k, v in kwargs.items()))
@@ -259,7 +283,7 @@ def small_search(root: Path, weights: Path, **kwargs: Any) -> tuple[Path, Except
         err = None
         with failing_step() if "test_fail" in (args.get("methods") or ()) else contextlib.nullcontext():
             try:
-                compress("zoo:lenet5", "digits", weights=weights, out=out, **args)
+                compress(ModelRef("zoo:lenet5", weights=weights), "digits", **compress_options(out=out, **args))
             except NoFeasibleTrialError as e:
                 err = e
         _SEARCHES[key] = (out, err)

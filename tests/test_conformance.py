@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from slimkit import testing as conformance
-from slimkit.pipeline import StepSpec, get_step, step_names
+from slimkit.testing import StepSpec, get_step, step_names  # the registry, through its one import site
 
 STEPS = step_names()
 SEARCHABLE = [n for n in STEPS if get_step(n).space is not None]
@@ -26,6 +26,17 @@ KNOWN: dict[tuple[str, str], str] = {}
 def _params(names: list[str], check: str) -> list:
     return [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=KNOWN[(n, check)]))
             if (n, check) in KNOWN else n for n in names]
+
+
+def _runs(check: str) -> list:
+    """(step, model spec): each of MODELS, or the one model of the step's STEP_CASES entry."""
+    out = []
+    for n in STEPS:
+        models = [conformance.STEP_CASES[n].model] if n in conformance.STEP_CASES else conformance.MODELS
+        for m in models:
+            marks = [pytest.mark.xfail(strict=True, reason=KNOWN[(n, check)])] if (n, check) in KNOWN else []
+            out.append(pytest.param(n, m, marks=marks, id=f"{n}-{m.split(':')[-1]}"))
+    return out
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -59,20 +70,22 @@ def case_model(trained, digits):
 
 @pytest.fixture(scope="module")
 def case_run(case_model, digits, tmp_path_factory):
-    """``case_run(step)`` -> its :class:`~slimkit.testing.CaseRun`, run once per module (a failure, too)."""
-    runs: dict[str, object] = {}
+    """``case_run(step, model)`` -> its :class:`~slimkit.testing.CaseRun`, run once per module (a failure, too)."""
+    runs: dict[tuple[str, str], conformance.CaseRun | Exception] = {}
 
-    def get(name: str) -> conformance.CaseRun:
-        if name not in runs:
+    def get(name: str, model: str) -> conformance.CaseRun:
+        key = (name, model)
+        if key not in runs:
             try:
                 case = conformance.step_case(name)
                 out = tmp_path_factory.mktemp(f"conformance-{name}") / "run"
-                runs[name] = conformance.run_case(name, case_model(case.model), digits, out, case)
-            except Exception as e:  # every test of this step reports it
-                runs[name] = e
-        if isinstance(runs[name], Exception):
-            raise runs[name]
-        return runs[name]
+                runs[key] = conformance.run_case(name, case_model(model), digits, out, case)
+            except Exception as e:  # every test of this run reports it
+                runs[key] = e
+        run = runs[key]
+        if isinstance(run, Exception):
+            raise run
+        return run
 
     return get
 
@@ -106,18 +119,18 @@ def test_search_space_draws_valid_configs(name, case_model):
 # ----------------------------------------------------------------------------- 3. apply, export, parity, reload
 
 
-@pytest.mark.parametrize("name", _params(STEPS, "artifact"))
-def test_apply_exports_an_artifact_that_agrees_with_the_model(name, case_run, digits):
-    run = case_run(name)
+@pytest.mark.parametrize("name,model", _runs("artifact"))
+def test_apply_exports_an_artifact_that_agrees_with_the_model(name, model, case_run, digits):
+    run = case_run(name, model)
     assert [r["step"] for r in run.step_reports][0] == name
     got = conformance.check_artifact(run, digits)
     assert got["samples"] == 256
     assert run.model_in is not run.model  # apply worked on a copy
 
 
-@pytest.mark.parametrize("name", _params(STEPS, "reload"))
-def test_saved_model_reloads_with_the_same_outputs(name, case_run, digits, tmp_path):
-    run = case_run(name)
+@pytest.mark.parametrize("name,model", _runs("reload"))
+def test_saved_model_reloads_with_the_same_outputs(name, model, case_run, digits, tmp_path):
+    run = case_run(name, model)
     again = conformance.check_reload(run, digits, tmp_path / "model.safetensors")
     assert type(again) is type(run.model)
 
@@ -125,9 +138,9 @@ def test_saved_model_reloads_with_the_same_outputs(name, case_run, digits, tmp_p
 # ----------------------------------------------------------------------------- 4. reported figures
 
 
-@pytest.mark.parametrize("name", _params(STEPS, "figures"))
-def test_reported_figures_match_the_artifact(name, case_run, digits):
-    run = case_run(name)
+@pytest.mark.parametrize("name,model", _runs("figures"))
+def test_reported_figures_match_the_artifact(name, model, case_run, digits):
+    run = case_run(name, model)
     checked = conformance.check_report_figures(run, digits)
     assert any(c.startswith(f"{name}.") or c.startswith("export") for c in checked), checked
 
@@ -186,3 +199,27 @@ def test_toy_models_build_from_their_spec_and_export(factory, digits, tmp_path):
     again = load_model(weights=save_model(model, tmp_path / "m.safetensors"),
                        input_shape=digits.input_shape, num_classes=digits.num_classes)
     assert torch.equal(again(x), model.eval()(x))
+
+
+@pytest.mark.parametrize("name,key,where", [
+    ("export", "onnx_bytes", -1),
+    ("prune_unstructured", "nonzero_params", 0),
+    ("quantize_static", "int8_op_count", 0),
+])
+def test_a_wrong_figure_in_a_report_fails_the_check(name, key, where, case_run, digits):
+    import copy
+
+    run = case_run(name, conformance.DEFAULT_MODEL)
+    report = copy.deepcopy(run.result.report)
+    report["steps"][where][key] += 1
+    wrong = dataclasses.replace(run, result=dataclasses.replace(run.result, report=report))
+    with pytest.raises(AssertionError, match=rf"{key}: the report says"):
+        conformance.check_report_figures(wrong, digits)
+
+
+def test_check_step_runs_every_check_on_a_plugin_style_model(digits, tmp_path):
+    # what a plugin author runs: a model of their own (batch norms, a residual add), one call
+    model = conformance.train_model("slimkit.testing:tiny_cnn", digits, epochs=2)
+    checked = conformance.check_step("prune_structured", model, digits, tmp_path / "check")
+    assert "prune_structured.params" in checked and "prune_structured.channels.conv1" in checked
+    assert "apply.result.artifact_bytes" in checked

@@ -18,12 +18,15 @@ import yaml
 
 from slimkit.errors import ConfigError, SlimkitError
 from slimkit.export import export_onnx, fold_batchnorm, ort_session
-from slimkit.models import load_model
-from slimkit.nas import LatencyTable, Space, block_plan, build_latency_table, get_family, nas, register_family
-from slimkit.nas._search import ParetoStop, recalibrate_bn
-from slimkit.nas._supernet import Supernet, evaluate_subnet, inherit, train_supernet
+from slimkit.measure import Target
+from slimkit.models import ModelRef, load_model
+from slimkit.nas import (LatencyTable, NasSpace, ParetoStop, Space, block_plan, build_latency_table, get_family, nas,
+                         recalibrate_bn, register_family)
+from slimkit.nas._chain import onnx_chain
+from slimkit.nas._chain import scopes as _scopes
 from slimkit.nas._space import _FAMILIES, Family
-from slimkit.nas._table import _scopes, onnx_chain
+from slimkit.nas._supernet import Supernet, evaluate_subnet, inherit, train_supernet
+from slimkit.search import Budget, Search, Store
 
 # A small MobileNetV2 space for 8x8 digits: 8 architectures, 3 reference networks to export.
 SPACE = {
@@ -45,6 +48,18 @@ SMALLER = {"width": 0.5, "stages": [{"blocks": 1, "kernel": 3, "expand": 1}, {"b
 # quick candidates: one proxy epoch of two batches, a short final training, short timing
 FAST = dict(threads=1, proxy_epochs=1, proxy_batches=2, final_epochs=1, final_batches=2, max_seconds=0.2,
             sampler="random")
+
+
+def run_nas(data, *, out, trials, teacher=None, teacher_weights=None, latency_table=None, max_latency_ms=None,
+            max_size_kb=None, batch=1, seed=0):
+    """``nas`` on the small space with the FAST settings, its options built from flat arguments."""
+    space = NasSpace("mobilenetv2", space=SPACE, latency_table=latency_table,
+                     teacher=ModelRef(teacher, weights=teacher_weights) if teacher else None,
+                     proxy_epochs=FAST["proxy_epochs"], proxy_batches=FAST["proxy_batches"],
+                     final_epochs=FAST["final_epochs"], final_batches=FAST["final_batches"])
+    return nas(space, data, budget=Budget(max_latency_ms=max_latency_ms, max_size_kb=max_size_kb, max_accuracy_drop=None),
+               target=Target(batch_sizes=(batch,), threads=FAST["threads"], max_seconds=FAST["max_seconds"]),
+               search=Search(trials=trials, seed=seed, sampler=FAST["sampler"]), store=Store(out=out))
 # The table's own validation times both architectures whole in the same interleaved rounds as
 # its blocks. One thread: on a loaded 2-core machine a 2-thread session waits for its second
 # thread to be scheduled, which adds noise the predictor is not about.
@@ -118,12 +133,12 @@ def search(tmp_path_factory, digits, search_table, teacher, limit):
     spy = Spy(distill_mod.fit)
     mp.setattr(distill_mod, "fit", spy)
     try:
-        first = nas("mobilenetv2", digits, teacher="zoo:lenet5", teacher_weights=teacher, space=SPACE,
-                    latency_table=search_table, max_latency_ms=limit, trials=2, out=out, seed=3, **FAST)
+        first = run_nas(digits, teacher="zoo:lenet5", teacher_weights=teacher, latency_table=search_table,
+                        max_latency_ms=limit, trials=2, out=out, seed=3)
         snapshot = [(t.number, t.state.name, t.values, t.datetime_complete) for t in _study(out).trials]
         calls_first = spy.calls
-        second = nas("mobilenetv2", digits, teacher="zoo:lenet5", teacher_weights=teacher, space=SPACE,
-                     latency_table=search_table, max_latency_ms=limit, trials=3, out=out, seed=3, **FAST)
+        second = run_nas(digits, teacher="zoo:lenet5", teacher_weights=teacher, latency_table=search_table,
+                         max_latency_ms=limit, trials=3, out=out, seed=3)
     finally:
         mp.undo()
     return {"out": out, "first": first, "second": second, "snapshot": snapshot, "calls_first": calls_first,
@@ -263,7 +278,7 @@ def test_a_table_is_only_used_for_what_it_measured(table, tmp_path, digits):
     wider["width"] = [0.5, 1.0]
     assert "space" in again.mismatches(**{**need, "space": Space.from_data(wider, knobs=table.space.knobs)})[0]
     with pytest.raises(SlimkitError, match="measured for something else"):
-        nas("mobilenetv2", digits, space=SPACE, latency_table=path, batch=8, trials=1, out=tmp_path / "x", **FAST)
+        run_nas(digits, latency_table=path, batch=8, trials=1, out=tmp_path / "x")
     (tmp_path / "bad.json").write_text('{"x": 1}')
     with pytest.raises(SlimkitError, match="not a slimkit latency table"):
         LatencyTable.load(tmp_path / "bad.json")
@@ -357,13 +372,11 @@ def test_a_worker_joins_an_architecture_search(search, cli):
 def test_an_impossible_budget_or_unknown_family_is_a_clear_error(table, tmp_path, digits, cli):
     fastest_ms, _ = table.fastest()
     with pytest.raises(SlimkitError, match="impossible budget: the fastest architecture") as e:
-        nas("mobilenetv2", digits, space=SPACE, latency_table=table, max_latency_ms=fastest_ms / 2, trials=1,
-            out=tmp_path / "a", **FAST)
+        run_nas(digits, latency_table=table, max_latency_ms=fastest_ms / 2, trials=1, out=tmp_path / "a")
     assert f"{fastest_ms:.3g} ms" in str(e.value)
     assert not (tmp_path / "a" / "trials").exists()
     with pytest.raises(SlimkitError, match="impossible budget: the smallest architecture"):
-        nas("mobilenetv2", digits, space=SPACE, latency_table=table, max_size_kb=1, trials=1, out=tmp_path / "b",
-            **FAST)
+        run_nas(digits, latency_table=table, max_size_kb=1, trials=1, out=tmp_path / "b")
     r = cli("nas", "--family", "nope", "--out", tmp_path / "c")
     assert r.code == 2 and "unknown architecture family 'nope'" in r.err and "mobilenetv2" in r.err, r
     r = cli("latency-table", "--family", "nope", "--out", tmp_path / "t.json")

@@ -18,12 +18,13 @@ import pytest
 import torch
 import yaml
 
+from slimkit.measure import Target
+from slimkit.models import ModelRef
 from slimkit.pipeline import Recipe, get_step
-from slimkit.search import Budget, compress, draw_recipe, make_sampler, searchable_steps
-from slimkit.search._objective import EarlyStop
+from slimkit.search import Budget, EarlyStop, compress, draw_recipe, make_sampler, searchable_steps
 from slimkit.search._space import GridTrial, off_switch, warm_start
 
-from ._services import FAST, failing_step, small_search
+from ._services import FAST, compress_options, failing_step, small_search
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -161,7 +162,7 @@ def test_budget_parsing():
 
 
 def test_validation_subset_and_redacted_urls(digits):
-    from slimkit.search._study import redact, validation_subset
+    from slimkit.search import redact, validation_subset
 
     small = validation_subset(digits, 50, seed=0)
     assert len(small.x_val) == len(small.y_val) == 50 and small.x_test is digits.x_test
@@ -220,7 +221,7 @@ def test_search_writes_every_result(finished, weights, digits, cli, tmp_path):
     from slimkit.models import load_model
 
     onnx.checker.check_model(str(out / "best.onnx"))
-    again = profile(None, digits, onnx=out / "best.onnx", batch_sizes=(1, 16), threads=1, max_seconds=0.2)
+    again = profile(None, digits, onnx=out / "best.onnx", target=Target(batch_sizes=(1, 16), threads=1, max_seconds=0.2))
     r = res["result"]
     for key in ("params", "nonzero_params", "macs", "artifact_bytes", "accuracy"):
         assert again[key] == r[key], key
@@ -308,7 +309,8 @@ def test_sigkill_loses_no_completed_trial(weights, tmp_path):
     kept = {t.number: (t.params, t.values) for t in _study(out).trials if t.state.name == "COMPLETE"}
     assert {t.number: (t.params, t.values) for t in done}.items() <= kept.items()
     # the same command again resumes: the completed trials stay, the search reaches 3 finished trials
-    res = compress("zoo:lenet5", "digits", weights=weights, out=out, methods=["finetune"], trials=3, **FAST)
+    res = compress(ModelRef("zoo:lenet5", weights=weights), "digits",
+                   **compress_options(out=out, methods=["finetune"], trials=3, **FAST))
     trials = _study(out).trials
     finished = [t for t in trials if t.state.name in ("COMPLETE", "PRUNED", "FAIL")]
     assert len(finished) >= 3

@@ -11,9 +11,10 @@ from pathlib import Path
 import optuna
 import pytest
 
+from slimkit.models import ModelRef
 from slimkit.search import compress
 
-from ._services import FAST, postgres_bin, postgres_server
+from ._services import FAST, compress_options, postgres_bin, postgres_server
 
 pytestmark = pytest.mark.skipif(postgres_bin() is None, reason="PostgreSQL binaries (/usr/lib/postgresql/*/bin) are "
                                 "not installed: apt-get install postgresql")
@@ -31,8 +32,9 @@ def pg_url():
 def test_two_workers_share_one_study(pg_url, trained, tmp_path):
     _, weights = trained("lenet5")
     out = tmp_path / "shared"
-    common = dict(weights=weights, out=out, storage=pg_url, study="lenet5-shared", methods=["finetune"], **FAST)
-    ready = compress("zoo:lenet5", "digits", trials=0, **common)  # sets the study up: config + baseline
+    model = ModelRef("zoo:lenet5", weights=weights)
+    common = dict(out=out, storage=pg_url, study="lenet5-shared", methods=["finetune"], **FAST)
+    ready = compress(model, "digits", **compress_options(trials=0, **common))  # sets the study up: config + baseline
     assert ready.report is None and not (out / "result.json").exists()
 
     # two workers at once, each a separate process knowing only the storage and the study name
@@ -40,7 +42,7 @@ def test_two_workers_share_one_study(pg_url, trained, tmp_path):
     procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               env={**os.environ, "PYTHONWARNINGS": "ignore"}) for _ in range(2)]
     outputs = [p.communicate(timeout=400) for p in procs]
-    for p, (o, e) in zip(procs, outputs):
+    for p, (_, e) in zip(procs, outputs):
         assert p.returncode == 0, e[-3000:]
     assert all("finished trials" in o for o, _ in outputs)
 
@@ -52,7 +54,7 @@ def test_two_workers_share_one_study(pg_url, trained, tmp_path):
     assert all(t.state.name == "COMPLETE" for t in trials)
 
     # the same command with the total wanted: nothing left to run, the results are written
-    res = compress("zoo:lenet5", "digits", trials=4, **common)
+    res = compress(model, "digits", **compress_options(trials=4, **common))
     report = json.loads((out / "result.json").read_text())
     assert report["trials"]["total"] == 4 and report["storage"] == pg_url
     assert res.report["best"]["trial"] in {t.number for t in trials} and (out / "best.onnx").exists()

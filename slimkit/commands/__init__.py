@@ -1,15 +1,12 @@
-"""CLI commands of the method families; each module adds its commands to ``slimkit.cli.app``.
+"""The CLI's commands, one module per family, all registered on one typer app.
 
-A family's commands live in their own module here (``prune.py``, ``quantize.py``, ...) and
-are imported below, so ``slimkit --help`` lists them all. Keep imports of heavy libraries
-inside the command functions.
+``_app`` holds the app, the shared helpers and the option generator (flags declared once, on
+the option objects' fields); each module below adds its commands to the app when imported.
+A new family: a module here using :func:`~slimkit.commands._app.command`, and one import line
+below. :mod:`slimkit.cli` is the entry point.
 """
 
-import importlib
-import pkgutil
+from . import core, distill, nas, prune, quantize, search  # noqa: F401  (registers the commands, in this order)
+from ._app import app, stdout
 
-
-def load_all() -> None:
-    for info in pkgutil.iter_modules(__path__):
-        if not info.name.startswith("_"):
-            importlib.import_module(f"{__name__}.{info.name}")
+__all__ = ["app", "stdout"]

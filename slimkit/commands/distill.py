@@ -11,13 +11,18 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.table import Table
 
-from .. import _console
-from ..cli import (BatchOpt, DataOpt, MaxSecondsOpt, ModelOpt, OverwriteOpt, QuietOpt, SeedOpt, TargetOpt, ThreadsOpt,
-                   TrustOpt, WeightsOpt, app, parse_batches, require_model, stdout)
+from .. import _console, api
 from ..errors import ConfigError, SlimkitError
-
-OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Folder for model.onnx, model.safetensors and result.json.")]
+from ..measure import Target
+from ..methods.decompose import LowRank
+from ..methods.distill import Distill
+from ..models import ModelRef
+from ..pipeline import ApplyResult, Export, Finetune, Recipe, Step
+from ..report import compare_table, fmt_count
+from ..training import TrainConfig
+from ._app import OVERWRITE, SEED, DataOpt, QuietOpt, command, option, options, require_model, run_out, stdout
 
 
 def _pairs(values: list[str] | None, flag: str) -> dict[str, str]:
@@ -49,68 +54,53 @@ def _ranks(values: list[str] | None) -> dict[str, int | list[int] | None]:
     return out
 
 
-def _finish(res, out: Path) -> None:
-    from ..report import compare_table
-
+def _finish(res: ApplyResult, out: Path) -> None:
     stdout.print(compare_table(res.report["baseline"], res.report["result"], title=f"{out}"))
     stdout.print(f"wrote {out}/model.onnx, {out}/model.safetensors, {out}/result.json")
 
 
-@app.command("distill")
+@command("distill")
 def distill_cmd(
     teacher: Annotated[Optional[str], typer.Option("--teacher", help="The teacher: zoo:NAME[,k=v], package.module:function or FILE.pt with --trust-pickle.")] = None,
     teacher_weights: Annotated[Optional[Path], typer.Option("--teacher-weights", "-w", help="The teacher's weights (.safetensors or a state dict).")] = None,
     student: Annotated[Optional[str], typer.Option("--student", help="The student architecture: zoo:NAME[,k=v] or package.module:function.")] = None,
     student_weights: Annotated[Optional[Path], typer.Option("--student-weights", help="Start the student from these weights (default: fresh).")] = None,
     data: DataOpt = "digits",
-    out: OutOpt = Path("runs/distill"),
-    epochs: Annotated[int, typer.Option("--epochs", "-e", help="Training epochs of the student.")] = 10,
-    lr: Annotated[float, typer.Option(help="Learning rate.")] = 1e-3,
-    batch_size: Annotated[int, typer.Option(help="Training batch size.")] = 128,
-    temperature: Annotated[float, typer.Option("--temperature", "-T", help="Softmax temperature of the soft targets.")] = 4.0,
-    alpha: Annotated[float, typer.Option(help="Weight of the soft-target loss (1 - alpha: the hard labels).")] = 0.7,
+    out: Path = run_out("runs/distill"),
+    config: TrainConfig = options(TrainConfig, only=("epochs", "lr", "batch_size", "temperature", "alpha"),
+                                  help={"epochs": "Training epochs of the student."}),
     feature: Annotated[Optional[list[str]], typer.Option("--feature", help="Feature pair STUDENT_LAYER=TEACHER_LAYER (repeatable); a 1x1 conv / linear adapter bridges different widths.")] = None,
     feature_weight: Annotated[float, typer.Option(help="Weight of the feature loss.")] = 1.0,
-    target: TargetOpt = "ort-cpu",
-    batch: BatchOpt = "1,64",
-    threads: ThreadsOpt = None,
-    trust_pickle: TrustOpt = False,
-    seed: SeedOpt = 0,
-    overwrite: OverwriteOpt = False,
-    max_seconds: MaxSecondsOpt = 2.0,
+    target: Target = options(Target),
+    trust_pickle: bool = option(ModelRef, "trust_pickle"),
+    seed: int = SEED,
+    overwrite: bool = OVERWRITE,
     quiet: QuietOpt = False,
 ) -> None:
     """Train a (smaller) student model from a teacher by knowledge distillation, export and measure both."""
-    from ..api import apply as _apply
-    from ..pipeline import Export
-    from ..methods.distill import Distill
-    from ..pipeline import Recipe, Step
-
     _console.set_quiet(quiet)
     if not teacher and not teacher_weights:
         raise SlimkitError("--teacher is required, e.g. --teacher zoo:resnet --teacher-weights runs/resnet/model.safetensors.")
     if not student:
         raise SlimkitError("--student is required: the architecture to train, e.g. --student zoo:lenet5 "
                            "or --student mypkg.models:small.")
-    cfg = Distill(epochs=epochs, lr=lr, batch_size=batch_size, temperature=temperature, alpha=alpha,
-                  features=_pairs(feature, "--feature"), feature_weight=feature_weight, seed=seed, patience=None,
-                  student=student, student_weights=str(student_weights) if student_weights else None)
+    cfg = Distill(epochs=config.epochs, lr=config.lr, batch_size=config.batch_size, temperature=config.temperature,
+                  alpha=config.alpha, features=_pairs(feature, "--feature"), feature_weight=feature_weight, seed=seed,
+                  patience=None, student=student, student_weights=str(student_weights) if student_weights else None)
     recipe = Recipe([Step("distill", cfg), Step("export", Export())])
-    res = _apply(recipe, teacher, data, weights=teacher_weights, trust_pickle=trust_pickle, target=target,
-                 batch_sizes=parse_batches(batch), threads=threads, out=out, overwrite=overwrite, seed=seed,
-                 max_seconds=max_seconds)
+    res = api.apply(recipe, ModelRef(teacher, teacher_weights, trust_pickle), data, target=target, out=out,
+                    overwrite=overwrite, seed=seed)
     step = res.report["steps"][0]
     stdout.print(f"student {student}: KL to the teacher {step['teacher_gap_before']:.4f} -> "
-                 f"{step['teacher_gap_after']:.4f} (validation, T={temperature:g})")
+                 f"{step['teacher_gap_after']:.4f} (validation, T={cfg.temperature:g})")
     _finish(res, out)
 
 
-@app.command("decompose")
+@command("decompose")
 def decompose_cmd(
-    model: ModelOpt = None,
-    weights: WeightsOpt = None,
+    model: ModelRef = options(ModelRef),
     data: DataOpt = "digits",
-    out: OutOpt = Path("runs/decompose"),
+    out: Path = run_out("runs/decompose"),
     conv: Annotated[str, typer.Option(help="Convolutions: tucker2, cp or none.")] = "tucker2",
     linear: Annotated[str, typer.Option(help="Linear layers: svd or none.")] = "svd",
     energy: Annotated[float, typer.Option(help="Keep this fraction of each weight's energy (squared norm) when choosing ranks.")] = 0.9,
@@ -118,34 +108,21 @@ def decompose_cmd(
     rank: Annotated[Optional[list[str]], typer.Option("--rank", help="Explicit rank LAYER=R, LAYER=R_OUT,R_IN (Tucker-2) or LAYER=none (repeatable).")] = None,
     skip: Annotated[Optional[list[str]], typer.Option("--skip", help="Leave this layer (or prefix) alone (repeatable).")] = None,
     finetune_epochs: Annotated[int, typer.Option("--finetune-epochs", help="Fine-tune epochs after decomposing, distilled from the original (0: none).")] = 3,
-    lr: Annotated[float, typer.Option(help="Fine-tune learning rate.")] = 5e-4,
-    target: TargetOpt = "ort-cpu",
-    batch: BatchOpt = "1,64",
-    threads: ThreadsOpt = None,
-    trust_pickle: TrustOpt = False,
-    seed: SeedOpt = 0,
-    overwrite: OverwriteOpt = False,
-    max_seconds: MaxSecondsOpt = 2.0,
+    lr: float = option(TrainConfig, "lr", default=5e-4, help="Fine-tune learning rate."),
+    target: Target = options(Target),
+    seed: int = SEED,
+    overwrite: bool = OVERWRITE,
     quiet: QuietOpt = False,
 ) -> None:
     """Low-rank decomposition (SVD / Tucker-2 / CP), fine-tune with distillation, export and measure."""
-    from rich.table import Table
-
-    from ..api import apply as _apply
-    from ..pipeline import Export, Finetune
-    from ..methods.decompose import LowRank
-    from ..pipeline import Recipe, Step
-    from ..report import fmt_count
-
     _console.set_quiet(quiet)
-    require_model(model, weights, "zoo:resnet --weights model.safetensors")
+    require_model(model.spec, model.weights, "zoo:resnet --weights model.safetensors")
     cfg = LowRank(conv=conv, linear=linear, energy=energy, ratio=ratio, ranks=_ranks(rank), skip=list(skip or []))
     steps = [Step("decompose", cfg)]
     if finetune_epochs:
         steps.append(Step("finetune", Finetune(epochs=finetune_epochs, lr=lr, seed=seed)))
-    res = _apply(Recipe(steps + [Step("export", Export())]), model, data, weights=weights, trust_pickle=trust_pickle,
-                 target=target, batch_sizes=parse_batches(batch), threads=threads, out=out, overwrite=overwrite,
-                 seed=seed, max_seconds=max_seconds)
+    res = api.apply(Recipe(steps + [Step("export", Export())]), model, data, target=target, out=out,
+                    overwrite=overwrite, seed=seed)
     t = Table(title="decomposed layers")
     for col in ("layer", "kind", "rank", "rel. error", "params", "MACs", "note"):
         t.add_column(col, justify="left" if col in ("layer", "kind", "note") else "right")

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.table import Table
 
 from .. import _console
-from ..cli import DataOpt, ModelOpt, OverwriteOpt, QuietOpt, SeedOpt, TrustOpt, WeightsOpt, app, require_model, stdout
 from ..errors import SlimkitError
+from ..methods.prune import lottery as _lottery, sensitivity as _sensitivity
+from ..models import ModelRef
+from ..training import TrainConfig
+from ._app import OVERWRITE, SEED, DataOpt, QuietOpt, command, options, require_model, run_out, stdout
 
 
 def _floats(text: str, flag: str) -> list[float]:
@@ -24,33 +29,30 @@ def _floats(text: str, flag: str) -> list[float]:
     return values
 
 
-@app.command("sensitivity")
+@command("sensitivity")
 def sensitivity(
-    model: ModelOpt = None,
-    weights: WeightsOpt = None,
+    model: ModelRef = options(ModelRef),
     data: DataOpt = "digits",
     method: Annotated[str, typer.Option("--method", help="unstructured (weights) or structured (channels).")] = "unstructured",
     ratios: Annotated[str, typer.Option("--ratios", help="Pruning ratios to try per layer, comma separated, each in [0, 1).")] = "0.1,0.3,0.5,0.7,0.9",
     layers: Annotated[Optional[str], typer.Option("--layers", help="Only these layers (names or glob patterns, comma separated).")] = None,
     importance: Annotated[str, typer.Option("--importance", help="Channel ranking for --method structured: l1, l2, taylor or bn-scale.")] = "l2",
     target: Annotated[Optional[float], typer.Option("--target", help="A global ratio in (0, 1): derive per-layer ratios reaching it while sparing sensitive layers (written as a recipe step).")] = None,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for sensitivity.json, sensitivity.png (and recipe.yaml with --target).")] = Path("runs/sensitivity"),
-    trust_pickle: TrustOpt = False,
-    seed: SeedOpt = 0,
-    overwrite: OverwriteOpt = False,
+    out: Path = run_out("runs/sensitivity",
+                        "Folder for sensitivity.json, sensitivity.png (and recipe.yaml with --target)."),
+    seed: int = SEED,
+    overwrite: bool = OVERWRITE,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as one JSON object on stdout.")] = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Prune each layer alone at each ratio (no fine-tune); table and plot of validation accuracy."""
-    from rich.table import Table
-
-    from ..methods.prune import sensitivity as _sensitivity
-
     _console.set_quiet(quiet or as_json)
-    require_model(model, weights, "zoo:lenet300 --weights model.safetensors")
+    require_model(model.spec, model.weights, "zoo:lenet300 --weights model.safetensors")
     names = [n.strip() for n in layers.split(",") if n.strip()] if layers else None
-    rep = _sensitivity(model, data, method, _floats(ratios, "--ratios"), weights=weights, trust_pickle=trust_pickle,
-                       layers=names, importance=importance, target=target, out=out, overwrite=overwrite, seed=seed)
+    # model.spec is None for a model slimkit saved (its weights alone): the methods resolve that too
+    rep = _sensitivity(model.spec, data, method, _floats(ratios, "--ratios"),  # type: ignore[arg-type]
+                       weights=model.weights, trust_pickle=model.trust_pickle, layers=names,
+                       importance=importance, target=target, out=out, overwrite=overwrite, seed=seed)
     if as_json:
         sys.stdout.write(json.dumps(rep) + "\n")
         return
@@ -74,38 +76,30 @@ def sensitivity(
     stdout.print(f"wrote {', '.join(rep['files'].values())}")
 
 
-@app.command("lottery")
+@command("lottery")
 def lottery(
-    model: ModelOpt = None,
-    weights: WeightsOpt = None,
+    model: ModelRef = options(ModelRef),
     data: DataOpt = "digits",
     rounds: Annotated[int, typer.Option("--rounds", "-r", help="Pruning rounds; (1 - rate)^rounds of the weights remain.")] = 8,
     rate: Annotated[float, typer.Option("--rate", help="Fraction of the remaining weights pruned each round.")] = 0.2,
     rewind_epoch: Annotated[int, typer.Option("--rewind-epoch", help="Epoch whose weights tickets rewind to (0: the initialisation).")] = 1,
-    epochs: Annotated[int, typer.Option("--epochs", "-e", help="Training budget per network.")] = 10,
-    lr: Annotated[float, typer.Option(help="Learning rate.")] = 1e-3,
-    batch_size: Annotated[int, typer.Option(help="Training batch size.")] = 128,
-    optimizer: Annotated[str, typer.Option(help="adam, adamw or sgd.")] = "adam",
+    config: TrainConfig = options(TrainConfig, only=("epochs", "lr", "batch_size", "optimizer"),
+                                  help={"epochs": "Training budget per network."}),
     scope: Annotated[str, typer.Option(help="global (one magnitude threshold) or layer (each layer loses the same fraction).")] = "global",
     control: Annotated[bool, typer.Option("--control/--no-control", help="Train the random-reinit control each round.")] = True,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for lottery.json, lottery.png, model.safetensors, ticket.safetensors.")] = Path("runs/lottery"),
-    trust_pickle: TrustOpt = False,
-    seed: SeedOpt = 0,
-    overwrite: OverwriteOpt = False,
+    out: Path = run_out("runs/lottery",
+                        "Folder for lottery.json, lottery.png, model.safetensors, ticket.safetensors."),
+    seed: int = SEED,
+    overwrite: bool = OVERWRITE,
     quiet: QuietOpt = False,
 ) -> None:
     """Lottery tickets: iterative magnitude pruning with weight rewinding, and a random-reinit control."""
-    from rich.table import Table
-
-    from ..methods.prune import lottery as _lottery
-    from ..training import TrainConfig
-
     _console.set_quiet(quiet)
-    require_model(model, weights, "zoo:lenet300")
-    cfg = TrainConfig(epochs=max(epochs, 1), lr=lr, batch_size=batch_size, optimizer=optimizer, seed=seed)
-    res = _lottery(model, data, rounds=rounds, rate=rate, rewind_epoch=rewind_epoch, epochs=epochs, scope=scope,
-                   train=cfg, control=control, weights=weights, trust_pickle=trust_pickle, out=out,
-                   overwrite=overwrite, seed=seed)
+    require_model(model.spec, model.weights, "zoo:lenet300")
+    cfg = dataclasses.replace(config, epochs=max(config.epochs, 1), seed=seed)
+    res = _lottery(model.spec, data, rounds=rounds, rate=rate,  # type: ignore[arg-type]
+                   rewind_epoch=rewind_epoch, epochs=config.epochs, scope=scope, train=cfg, control=control,
+                   weights=model.weights, trust_pickle=model.trust_pickle, out=out, overwrite=overwrite, seed=seed)
     t = Table(title=f"lottery tickets (rate {rate}, rewind to epoch {rewind_epoch}): test accuracy")
     for col in ("round", "weights remaining", "ticket", "random reinit"):
         t.add_column(col, justify="right")

@@ -2,20 +2,36 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.table import Table
 
-from .. import _console
-from ..cli import DataOpt, ModelOpt, OverwriteOpt, QuietOpt, SeedOpt, TrustOpt, WeightsOpt, app, require_model, stdout
+from .. import _console, _io
+from ..data import resolve_data
 from ..errors import ConfigError
+from ..methods.coding import DeepCompression, deep_compress as _deep_compress, paper_table, parse_layer_values
+from ..models import ModelRef, resolve_model
+from ..report import fmt_bytes
+from ..training import TrainConfig
+from ._app import OVERWRITE, SEED, DataOpt, QuietOpt, command, option, options, require_model, run_out, stdout
 
 
-@app.command("deep-compress")
+@contextmanager
+def _named_flags() -> Iterator[None]:
+    """A :class:`DeepCompression` field is the flag of the same name: ``bits`` -> ``--bits: ...``."""
+    try:
+        yield
+    except ConfigError as e:
+        raise ConfigError(e.reason, where=f"--{e.field.replace('_', '-')}" if e.field else None) from None
+
+
+@command("deep-compress")
 def deep_compress(
-    model: ModelOpt = None,
-    weights: WeightsOpt = None,
+    model: ModelRef = options(ModelRef),
     data: DataOpt = "digits",
     sparsity: Annotated[str, typer.Option(help="Fraction of weights pruned: one number, or per layer type / name, e.g. conv=0.6,fc=0.92,fc3=0.7.")] = "conv=0.6,fc=0.92",
     bits: Annotated[str, typer.Option(help="Bits per shared weight (1..8; 2**bits - 1 values plus zero), e.g. conv=8,fc=5.")] = "conv=8,fc=5",
@@ -24,26 +40,20 @@ def deep_compress(
     prune_epochs: Annotated[int, typer.Option("--prune-epochs", help="Fine-tuning epochs after (during, with agp) pruning.")] = 8,
     share_epochs: Annotated[int, typer.Option("--share-epochs", help="Epochs of centroid fine-tuning after weight sharing.")] = 2,
     schedule: Annotated[str, typer.Option(help="Pruning schedule: agp (gradual) or one-shot.")] = "agp",
-    lr: Annotated[float, typer.Option(help="Learning rate after pruning.")] = 1e-3,
+    lr: float = option(TrainConfig, "lr", help="Learning rate after pruning."),
     share_lr: Annotated[float, typer.Option("--share-lr", help="Learning rate of the centroid fine-tuning.")] = 2e-4,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Training batch size.")] = 128,
-    max_batches: Annotated[Optional[int], typer.Option("--max-batches", help="Cap on batches per fine-tuning epoch.")] = None,
+    batch_size: int = option(TrainConfig, "batch_size"),
+    max_batches: Optional[int] = option(TrainConfig, "max_batches", help="Cap on batches per fine-tuning epoch."),
     no_distill: Annotated[bool, typer.Option("--no-distill", help="Fine-tune on labels only (default: the original model teaches).")] = False,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for model.slim and result.json.")] = Path("runs/deep-compress"),
-    trust_pickle: TrustOpt = False,
-    seed: SeedOpt = 0,
-    overwrite: OverwriteOpt = False,
+    out: Path = run_out("runs/deep-compress", "Folder for model.slim and result.json."),
+    seed: int = SEED,
+    overwrite: bool = OVERWRITE,
     quiet: QuietOpt = False,
 ) -> None:
     """Deep Compression: prune, share weights (k-means), Huffman-code; write DIR/model.slim and DIR/result.json."""
-    from ..data import resolve_data
-    from ..models import resolve_model
-    from ..methods.coding import DeepCompression, deep_compress as _deep_compress, paper_table, parse_layer_values
-    from ..report import fmt_bytes
-
     _console.set_quiet(quiet)
-    require_model(model, weights)
-    try:
+    require_model(model.spec, model.weights)
+    with _named_flags():
         cfg = DeepCompression(
             sparsity=parse_layer_values(sparsity, float, "sparsity"),
             bits=parse_layer_values(bits, int, "bits"),
@@ -52,24 +62,15 @@ def deep_compress(
             prune_epochs=prune_epochs, share_epochs=share_epochs, schedule=schedule, lr=lr, share_lr=share_lr,
             batch_size=batch_size, max_batches=max_batches, distill=not no_distill, seed=seed,
         )
-    except ConfigError as e:
-        flag = f"--{e.field.replace('_', '-')}" if e.field else None
-        raise ConfigError(e.reason, where=flag) from None
     bundle = resolve_data(data, seed)
-    net = resolve_model(model, bundle, weights=weights, trust_pickle=trust_pickle)
-    try:
+    net = resolve_model(model, bundle)
+    with _named_flags():
         cfg.check_model(net)  # unknown layer names: before any work
-    except ConfigError as e:
-        raise ConfigError(e.reason, where=f"--{e.field.replace('_', '-')}" if e.field else None) from None
-    from .. import _io
-
-    _io.prepare_out_dir(out, overwrite=overwrite, inputs=[weights])
+    _io.prepare_out_dir(out, overwrite=overwrite, inputs=[model.weights])
     res = _deep_compress(net, bundle, cfg, out=out, overwrite=True)
     r = res.report
-    from rich.table import Table
-
     _, rows = paper_table(r)
-    table = Table(title=f"Deep Compression of {model or weights} on {bundle.name} (P prune, Q share, H Huffman)")
+    table = Table(title=f"Deep Compression of {model.name} on {bundle.name} (P prune, Q share, H Huffman)")
     for h in ("layer", "weights", "kept", "bits", "bits H", "index", "index H", "bytes", "ratio P+Q", "ratio"):
         table.add_column(h, justify="left" if h == "layer" else "right")
     for row in rows:

@@ -253,7 +253,7 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     ndim = raw[3]
     header = 4 + 4 * ndim
     dims = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    dtype = np.dtype(_IDX_TYPES[raw[2]])
+    dtype = np.dtype(_IDX_TYPES[raw[2]])  # type: ignore[call-overload]
     expected = int(np.prod(dims)) * dtype.itemsize
     if len(raw) - header != expected:
         raise SlimkitError(

@@ -19,8 +19,9 @@ import io
 import logging
 import re
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -101,17 +102,20 @@ def fold_batchnorm_(model: nn.Module, example: torch.Tensor) -> list[tuple[str, 
 def _fuse_(model: nn.Module, pairs: list[tuple[str, str]]) -> None:
     """Fold each ``(conv or linear, batch norm)`` pair in place (eval statistics); the batch norm becomes ``nn.Identity``."""
     for conv_name, bn_name in pairs:
-        conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
+        conv = model.get_submodule(conv_name)
+        bn = cast(nn.modules.batchnorm._BatchNorm, model.get_submodule(bn_name))
+        fused: nn.Linear | nn.modules.conv._ConvNd
         if isinstance(conv, nn.Linear):
             fused = torch.nn.utils.fusion.fuse_linear_bn_eval(conv, bn)
         else:
-            fused = torch.nn.utils.fusion.fuse_conv_bn_eval(conv, bn)
+            fused = torch.nn.utils.fusion.fuse_conv_bn_eval(cast(nn.modules.conv._ConvNd, conv), bn)
         with torch.no_grad():
             conv.weight.copy_(fused.weight)
+            bias = cast(torch.Tensor, fused.bias)  # the fusion always gives a bias
             if conv.bias is None:
-                conv.bias = nn.Parameter(fused.bias.detach().clone())
+                conv.bias = nn.Parameter(bias.detach().clone())
             else:
-                conv.bias.copy_(fused.bias)
+                conv.bias.copy_(bias)
         set_module(model, bn_name, nn.Identity())
 
 
@@ -147,8 +151,9 @@ def batchnorm_pairs(model: nn.Module, example: torch.Tensor) -> list[tuple[str, 
             seen_calls[name] = seen_calls.get(name, 0) + 1
         if str(node.target) in _BN_OPS:
             src = node.args[0]
-            if getattr(src, "op", None) == "call_function" and str(src.target) in _CONV_OPS and len(src.users) == 1:
-                pairs.append((_module_of(src), name))
+            src_name = _module_of(src) if getattr(src, "op", None) == "call_function" else None
+            if src_name and name and str(src.target) in _CONV_OPS and len(src.users) == 1:
+                pairs.append((src_name, name))
     modules = dict(model.named_modules())
     out = []
     for conv_name, bn_name in pairs:
@@ -242,10 +247,11 @@ def _explain_failure(model: nn.Module, example: torch.Tensor, err: Exception) ->
     )
 
 
-def _chain(err: BaseException):
-    while err is not None:
-        yield err
-        err = err.__cause__ or err.__context__
+def _chain(err: BaseException) -> Iterator[BaseException]:
+    at: BaseException | None = err
+    while at is not None:
+        yield at
+        at = at.__cause__ or at.__context__
 
 
 def _first_line(err: BaseException) -> str:

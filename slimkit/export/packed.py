@@ -34,6 +34,7 @@ from torch import nn
 
 from .. import _io
 from ..errors import SlimkitError
+from ..models import _replay, apply_weights, build_model, origin_of, structure_of
 
 __all__ = [
     "MAGIC",
@@ -261,8 +262,6 @@ class CodedTensor:
 
 
 def _model_meta(model: nn.Module) -> dict[str, Any]:
-    from ..models import origin_of, structure_of
-
     origin = origin_of(model)
     return {"model": origin.get("model"), "input_shape": origin.get("input_shape"),
             "num_classes": origin.get("num_classes"), "structure": structure_of(model)}
@@ -430,8 +429,6 @@ def load_packed(path: str | Path, *, trust_pickle: bool = False) -> nn.Module:
     >>> import slimkit
     >>> model = slimkit.load_packed("runs/dc/model.slim")  # doctest: +SKIP
     """
-    from ..models import _replay, apply_weights, build_model
-
     meta, state, _ = read_packed(path)
     spec = meta.get("model")
     if not spec or not meta.get("input_shape") or not meta.get("num_classes"):

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .. import _io
 from ..data import DataBundle
 from ..errors import SlimkitError
 from ..export import export_onnx, fold_batchnorm
@@ -45,6 +46,7 @@ __all__ = [
     "default_threads",
     "time_runs",
     "Target",
+    "read_onnx",
 ]
 
 from ._graph import count_ops, graph_stats  # noqa: E402
@@ -186,6 +188,19 @@ def profile(
                     split=split, with_layers=layers, max_seconds=max_seconds)
 
 
+def read_onnx(path: str | Path) -> Any:
+    """The ONNX model in ``path`` (weights left external), read behind the input-file guard."""
+    import onnx
+
+    def parse(p: Path) -> Any:
+        model = onnx.load(str(p), load_external_data=False)
+        if not model.graph.node:
+            raise ValueError("the file holds no ONNX graph")
+        return model
+
+    return _io.read_file(path, "ONNX file", parse, expected="give an ONNX model (e.g. model.onnx that slimkit wrote)")
+
+
 def _profile(
     model: nn.Module | None,
     data: DataBundle,
@@ -209,11 +224,14 @@ def _profile(
         raise SlimkitError(f"batch sizes must be at least 1, got {list(batch_sizes)}.")
     if model is None and onnx_path is None:
         raise SlimkitError("nothing to measure: give a model or an ONNX file.")
+    if onnx_path is not None:
+        read_onnx(onnx_path)  # a file that is not ONNX fails here, with its name, before any work
     example = data.example(2)
     with tempfile.TemporaryDirectory(prefix="slimkit-profile-") as tmp:
         result: dict[str, Any] = {"target": target, "threads": threads, "batch_sizes": [int(b) for b in batch_sizes]}
         if backend.needs_onnx:
             if onnx_path is None:
+                assert model is not None
                 onnx_path = export_onnx(model, Path(tmp) / "model.onnx", example)
             onnx_path = Path(onnx_path)
             stats = graph_stats(onnx_path)

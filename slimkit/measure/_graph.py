@@ -134,10 +134,10 @@ def _node_macs(node: Any, shapes: dict[str, list[int]]) -> int:
         a = shape(ins[0])
         b = shape(ins[3] if op == "QLinearMatMul" else ins[1])
         y = shape(outs[0])
-        k = a[-1] if a else (b[-2] if b and len(b) > 1 else None)
-        if not y or not k:
+        k_dim = a[-1] if a else (b[-2] if b and len(b) > 1 else None)
+        if not y or not k_dim:
             return 0
-        return int(math.prod(y) * k)  # every output element is a K-long dot product
+        return int(math.prod(y) * k_dim)  # every output element is a K-long dot product
     return 0
 
 
@@ -200,10 +200,10 @@ def graph_stats(path: str | Path) -> dict[str, Any]:
     for node in g.node:
         macs = _node_macs(node, shapes)
         total_macs += macs
-        mod = module_of_node(node, set(params))
-        if mod is None:
+        owner = module_of_node(node, set(params))
+        if owner is None:
             continue
-        entry = layers[mod]
+        entry = layers[owner]
         entry["macs"] += macs
         if node.op_type not in ("QuantizeLinear", "DequantizeLinear") and node.op_type not in entry["ops"]:
             entry["ops"].append(node.op_type)

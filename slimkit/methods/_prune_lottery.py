@@ -26,8 +26,9 @@ from torch import nn
 
 from .. import _console, _io
 from ..config import check
-from ..data import DataBundle
+from ..data import DataBundle, resolve_data
 from ..errors import ConfigError
+from ..models import resolve_model, save_model
 from ..training import TrainConfig, evaluate, fit
 from ._prune_masks import MaskHook, apply_masks_, compute_masks_, masks_of, prunable_layers, set_masks, sparsity_report
 
@@ -93,9 +94,6 @@ def lottery(
     >>> [r["remaining"] for r in res.report["rounds"]]  # doctest: +SKIP
     [1.0, 0.8, 0.64]
     """
-    from ..data import resolve_data
-    from ..models import resolve_model
-
     cfg = dataclasses.replace(train, epochs=epochs, seed=seed) if train is not None else TrainConfig(epochs=epochs, seed=seed)
     check(rounds >= 1, "rounds", f"must be >= 1, got {rounds}")
     check(0 < rate < 1, "rate", f"must be in (0, 1) (the fraction of remaining weights pruned each round), got {rate}")
@@ -155,8 +153,6 @@ def lottery(
         "train": dataclasses.asdict(cfg),
     }
     if out_dir is not None:
-        from ..models import save_model
-
         save_model(net, out_dir / "model.safetensors")
         ticket = copy.deepcopy(net)
         ticket.load_state_dict(ticket_state)

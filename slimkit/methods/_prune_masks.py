@@ -10,22 +10,20 @@ weight; :func:`finalize_` drops the masks (the zeros stay).
 
 from __future__ import annotations
 
-import fnmatch
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
 from .. import _console
-from ..errors import ConfigError, SlimkitError
+from ..errors import SlimkitError
+from ..layers import FilterFn, LayerSelection
 
 __all__ = ["masks_of", "has_masks", "apply_masks_", "finalize_", "MaskHook", "prunable_layers", "sparsity_report"]
 
 _MASKS_ATTR = "_slimkit_masks"
-
-FilterFn = Callable[[nn.Module, str], bool]
 
 
 # ----------------------------------------------------------------------------- which layers
@@ -41,48 +39,20 @@ def prunable_layers(model: nn.Module) -> dict[str, nn.Module]:
     return out
 
 
-def match_names(patterns: Iterable[str], names: Iterable[str], field: str, what: str = "prunable layers") -> set[str]:
-    """Names matched by ``patterns`` (exact names or glob patterns); an unmatched pattern is an error."""
-    names = list(names)
-    hit: set[str] = set()
-    for pat in patterns:
-        found = [n for n in names if n == pat or fnmatch.fnmatchcase(n, pat)]
-        if not found:
-            raise ConfigError(
-                f"no layer is named or matches '{pat}'; the model's {what} are: {_listing(names)}", field=field)
-        hit.update(found)
-    return hit
-
-
-def _listing(names: list[str], limit: int = 30) -> str:
-    return ", ".join(names[:limit]) + (f", ... ({len(names)} in all)" if len(names) > limit else "")
-
-
 def resolve_targets(
     model: nn.Module,
     sparsity: float,
     layers: Mapping[str, float],
     skip: Iterable[str],
     filter_fn: FilterFn | None,
-) -> tuple[dict[str, float], dict[str, str]]:
-    """``({layer: target sparsity}, {skipped layer: why})`` for a model and a config."""
+) -> tuple[dict[str, float], dict[str, str], set[str]]:
+    """``({layer: target sparsity}, {skipped layer: why}, {layers given a sparsity of their own})``."""
     cand = prunable_layers(model)
-    skipped: dict[str, str] = {}
-    for name in match_names(skip, cand, "skip"):
-        skipped[name] = "skipped by name"
-    unknown = [n for n in layers if n not in cand]
-    if unknown:
-        raise ConfigError(f"unknown layer name '{unknown[0]}'; the model's prunable layers are: {_listing(list(cand))}",
-                          field="layers")
-    targets: dict[str, float] = {}
-    for name, mod in cand.items():
-        if name in skipped:
-            continue
-        if filter_fn is not None and not filter_fn(mod, name):
-            skipped[name] = "left out by filter_fn"
-            continue
-        targets[name] = float(layers.get(name, sparsity))
-    return targets, skipped
+    selection = LayerSelection({"_default": sparsity, **layers}, skip=skip, filter_fn=filter_fn)
+    selection.check(cand, what="prunable layers")
+    targets, skipped = selection.resolve(cand)
+    alone = set(selection.explicit({n: cand[n] for n in targets}))
+    return {n: float(s) for n, s in targets.items()}, skipped, alone
 
 
 # ----------------------------------------------------------------------------- masks

@@ -14,13 +14,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from torch import nn
 
 from .. import _console, _io
-from ..data import DataBundle
+from ..data import DataBundle, resolve_data
 from ..errors import ConfigError, SlimkitError
+from ..layers import LayerSelection, match_names
+from ..models import resolve_model
 from ..training import evaluate
-from ._prune_masks import _keep_mask, match_names, prunable_layers
+from ._prune_masks import _keep_mask, prunable_layers
 from ._prune_structured import IMPORTANCES, channel_groups, classifier_of, prune_channels_
 
 METHODS = ("unstructured", "structured")
@@ -62,9 +65,6 @@ def sensitivity(
     >>> r = sensitivity("zoo:lenet300", "digits", "unstructured", [0.5, 0.9], target=0.7)  # doctest: +SKIP
     >>> r["layers"]["fc1"]["accuracy"], r["allocation"]["ratios"]  # doctest: +SKIP
     """
-    from ..data import resolve_data
-    from ..models import resolve_model
-
     if method not in METHODS:
         raise ConfigError(f"unknown method '{method}'; choose one of {', '.join(METHODS)}", field="method")
     if importance not in IMPORTANCES:
@@ -82,7 +82,7 @@ def sensitivity(
     t0 = time.perf_counter()
     if method == "unstructured":
         cand = prunable_layers(net)
-        chosen = match_names(layers, cand, "layers") if layers else set(cand)
+        chosen = match_names(layers, cand, field="layers", what="prunable layers") if layers else set(cand)
         rows = {}
         for n in _progress(cand, chosen, "unstructured"):
             rows[n] = {"params": cand[n].weight.numel(), "accuracy": _unstructured_curve(net, n, ratios, bundle)}
@@ -90,7 +90,8 @@ def sensitivity(
     else:
         head = classifier_of(net, example)
         groups = channel_groups(net, example, {head} if head else set())
-        chosen = match_names(layers, groups, "layers", "channel groups (by root layer)") if layers else set(groups)
+        what = "channel groups (by root layer)"
+        chosen = match_names(layers, groups, field="layers", what=what) if layers else set(groups)
         rows = {}
         for n in _progress(groups, chosen, "structured"):
             rows[n] = {"params": groups[n]["params"], "coupled": groups[n]["coupled"],
@@ -108,8 +109,6 @@ def sensitivity(
         plot = plot_sensitivity(report, out_dir / "sensitivity.png")
         report["files"] = {"report": str(out_dir / "sensitivity.json"), "plot": str(plot)}
         if "recipe" in report:
-            import yaml
-
             _io.write_text(out_dir / "recipe.yaml", yaml.safe_dump({"steps": [report["recipe"]]}, sort_keys=False))
             report["files"]["recipe"] = str(out_dir / "recipe.yaml")
         _io.write_json(out_dir / "sensitivity.json", report)
@@ -146,7 +145,7 @@ def _structured_curve(model: nn.Module, name: str, ratios: Sequence[float], data
     accs = []
     for r in ratios:
         trial = copy.deepcopy(model)
-        prune_channels_(trial, ratio=0.0, layers={name: r}, importance=importance, round_to=1, skip=[],
+        prune_channels_(trial, LayerSelection({"_default": 0.0, name: r}), importance=importance, round_to=1,
                         scope="layer", example=example, data=data)
         accs.append(evaluate(trial, data.x_val, data.y_val))
     return accs

@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError, SlimkitError
+from ..layers import LayerSelection
 from ..models import record_structure, register_structure_op
-from ._prune_masks import FilterFn, match_names
 
 IMPORTANCES = ("l1", "l2", "taylor", "bn-scale")
 TAYLOR_BATCHES = 4  # training batches whose gradients score channels for Taylor importance
@@ -205,38 +205,36 @@ def _first_line(e: BaseException) -> str:
 
 def prune_channels_(
     model: nn.Module,
+    selection: LayerSelection,
     *,
-    ratio: float,
-    layers: Mapping[str, float],
     importance: str,
     round_to: int,
-    skip: list[str],
     scope: str,
     example: torch.Tensor,
     data: Any = None,
-    filter_fn: FilterFn | None = None,
 ) -> dict[str, Any]:
-    """Remove channels from ``model`` in place (see :class:`slimkit.methods.prune.Structured`)."""
+    """Remove channels from ``model`` in place (see :class:`slimkit.methods.prune.Structured`).
+
+    ``selection``: the ratio of each layer's output channels removed (``_default``: the ratio of
+    every layer without one of its own), the layers skipped and ``filter_fn``.
+    """
     roots = root_layers(model)
     if not roots:
         raise SlimkitError("structured pruning removes channels of convolution and linear layers; this model has none.")
-    unknown = [n for n in layers if n not in roots]
-    if unknown:
-        raise ConfigError(f"unknown layer name '{unknown[0]}'; the model's conv and linear layers are: "
-                          f"{', '.join(list(roots)[:30])}", field="layers")
+    selection.check(roots, what="conv and linear layers")
     if importance == "bn-scale" and not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         raise ConfigError("'bn-scale' scores channels by the scale of the batch norm after them, and this model has "
                           "no batch norm; use l1, l2 or taylor", field="importance")
     if importance == "taylor" and data is None:
         raise SlimkitError("Taylor importance needs gradients on real training batches: pass data=.")
-    skipped: dict[str, str] = {n: "skipped by name" for n in match_names(skip, roots, "skip", "conv and linear layers")}
+    ratio = float(selection.values.get("_default", 0.0))
+    layers = selection.explicit(roots)
+    _, left_out = selection.resolve(roots)
+    skipped = {n: why for n, why in left_out.items() if why == "skipped by name"}
     head = classifier_of(model, example)
     if head is not None and head not in skipped:
         skipped[head] = "the classifier (its outputs are the classes)"
-    if filter_fn is not None:
-        for n, m in roots.items():
-            if n not in skipped and not filter_fn(m, n):
-                skipped[n] = "left out by filter_fn"
+    skipped.update({n: why for n, why in left_out.items() if n not in skipped})  # then filter_fn's
     was_training = model.training
     model.eval()
     with torch.no_grad():

@@ -26,19 +26,26 @@ original model (a ``finetune`` or ``distill`` step; both distil by default).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from .. import _console
 from ..config import check
-from ..errors import ConfigError
+from ..layers import FilterFn, LayerSelection
 from ..models import record_structure, register_structure_op, set_module
 from ..pipeline import Context, register_space, register_step
-from .decompose import Factorized, _cost, _example_for, _Site, _trace_shapes, decomposable_layers
+from .decompose import (
+    HAS_NO,
+    Factorized,
+    _cost,
+    _example_for,
+    _Site,
+    decomposable_layers,
+    replace_layers_,
+    run_replacing,
+)
 
 __all__ = ["Separable", "separable_", "SeparableConv2d"]
 
@@ -49,8 +56,8 @@ class Separable:
 
     Each pair starts as the closest depthwise-separable approximation of the original layer
     (a rank-``multiplier`` fit per input channel); fine-tune afterwards (``finetune`` / ``distill``).
-    ``multiplier``: depthwise filters per input channel. ``skip``: layer names (or name
-    prefixes) left alone. ``only_if_smaller``: replace a layer only when that reduces both its
+    ``multiplier``: depthwise filters per input channel. ``skip``: layer names, globs or
+    blocks left alone. ``only_if_smaller``: replace a layer only when that reduces both its
     parameters and its MACs.
     """
 
@@ -109,7 +116,7 @@ def separable_(
     config: Separable | None = None,
     *,
     example: torch.Tensor | None = None,
-    filter_fn: Callable[[nn.Module, str], bool] | None = None,
+    filter_fn: FilterFn | None = None,
 ) -> dict[str, Any]:
     """Replace dense kxk convolutions by depthwise-separable pairs initialised from them, in place.
 
@@ -126,35 +133,16 @@ def separable_(
     >>> report["replaced"], report["macs_after"] < report["macs_before"] / 4
     (18, True)
     """
-    from ..measure import count_macs, count_params
-    from ..measure.backends import torch_threads
-
     cfg = config or Separable()
     x = _example_for(model, example, "separable_")
     modules = dict(model.named_modules())
-    for name in cfg.skip:
-        if name not in modules:
-            convs = [n for n in decomposable_layers(model) if isinstance(modules[n], nn.Conv2d)]
-            raise ConfigError(f"the model has no layer '{name}'; its convolutions are: {', '.join(convs[:12])}"
-                              + (", ..." if len(convs) > 12 else ""), field="skip")
-    names = [n for n in decomposable_layers(model) if isinstance(modules[n], nn.Conv2d)
-             and not any(n == s or n.startswith(s + ".") for s in cfg.skip)]
-    input_shape = tuple(x.shape[1:])
-    params_before, macs_before = count_params(model)["params"], count_macs(model, input_shape)
-    sites = _trace_shapes(model, x, names)
-    rows: list[dict[str, Any]] = []
-    with torch_threads(1):
-        for name in names:
-            conv = modules[name]
-            if filter_fn is not None and not filter_fn(conv, name):
-                continue
-            rows.append(_replace(model, name, conv, sites.get(name), cfg))
-    params_after, macs_after = count_params(model)["params"], count_macs(model, input_shape)
-    replaced = sum(r["replaced"] for r in rows)
-    _console.info(f"separable: {replaced} of {len(rows)} convolutions replaced; params {params_before:,} -> "
-                  f"{params_after:,}, MACs {macs_before:,} -> {macs_after:,}")
-    return {"layers": rows, "replaced": replaced, "params_before": params_before, "params_after": params_after,
-            "macs_before": macs_before, "macs_after": macs_after}
+    convs = {n: modules[n] for n in decomposable_layers(model) if isinstance(modules[n], nn.Conv2d)}
+    selection = LayerSelection({"_default": cfg.multiplier}, skip=cfg.skip, filter_fn=filter_fn)
+    selection.check([n for n in modules if n], what="convolutions", unknown=HAS_NO, unmatched=HAS_NO,
+                    shown=list(convs))
+    names = list(selection.resolve(convs)[0])
+    return replace_layers_(model, x, names, lambda name, conv, site: _replace(model, name, conv, site, cfg),
+                           label="separable", noun="convolutions")
 
 
 def _replace(model: nn.Module, name: str, conv: nn.Conv2d, site: _Site | None, cfg: Separable) -> dict[str, Any]:
@@ -190,10 +178,7 @@ def _replace(model: nn.Module, name: str, conv: nn.Conv2d, site: _Site | None, c
 @register_step("separable", Separable, forbids={"exported", "quantized", "fake_quant", "masked"})
 def _separable_step(ctx: Context, cfg: Separable) -> dict[str, Any]:
     """Depthwise-separable replacement of dense convolutions; follow it with finetune or distill."""
-    try:
-        return separable_(ctx.model, cfg, example=ctx.data.example(1))
-    except ConfigError as e:
-        raise e.located("recipe step 'separable'") from None
+    return run_replacing(ctx, separable_, cfg, "separable")
 
 
 @register_space("separable", order=10)

@@ -28,7 +28,7 @@ layers; ``skip`` leaves some dense):
 from __future__ import annotations
 
 import copy
-import fnmatch
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,29 +42,24 @@ from ..config import check
 from ..data import DataBundle
 from ..errors import ConfigError, SlimkitError
 from ..export.packed import CodedTensor, read_packed, write_packed
-from ..pipeline import Context, register_space, register_step
+from ..layers import LayerSelection, family_of
+from ..pipeline import Context, Finetune, register_space, register_step
 from ..training import evaluate, fit
-from ..pipeline import Finetune
+from .prune import Unstructured, finalize_, masks_of, prune_
 
 __all__ = ["DeepCompression", "DeepCompressed", "deep_compress", "share_weights_", "SharedWeightsHook",
            "parse_layer_values", "paper_table"]
 
-LAYER_TYPES = ("conv", "fc")
 SCHEDULES = ("one-shot", "agp")
-
-
-def _type_of(module: nn.Module) -> str | None:
-    if isinstance(module, nn.modules.conv._ConvNd):
-        return "conv"
-    if isinstance(module, nn.Linear):
-        return "fc"
-    return None
+# a key of sparsity / bits / index_bits that names no coded layer
+UNKNOWN_KEY = "unknown layer '{key}': use all, conv, fc, a layer name or a glob; the model's {what} are: {names}"
+DEFAULTS = {"sparsity": 0.0, "bits": 8, "index_bits": 8}  # for a layer no key of the field covers
 
 
 def coded_layers(model: nn.Module) -> dict[str, nn.Module]:
     """The layers Deep Compression codes: convolutions and linear layers, by module name."""
     return {n: m for n, m in model.named_modules()
-            if n and _type_of(m) and isinstance(getattr(m, "weight", None), nn.Parameter)}
+            if n and family_of(m) and isinstance(getattr(m, "weight", None), nn.Parameter)}
 
 
 def parse_layer_values(text: str, kind: type, what: str) -> dict[str, Any]:
@@ -90,9 +85,11 @@ class DeepCompression:
     Huffman-coded sparse storage in the ``.slim`` format, with exact byte accounting.
 
     ``sparsity``, ``bits`` and ``index_bits`` are per layer: keys ``all``, ``conv``, ``fc`` (by
-    layer type) or a module name (which wins); ``sparsity`` may be one number.
+    layer type), a module name or a glob (a name wins, then the longest glob, then the type, then
+    ``all``; see :class:`slimkit.layers.LayerSelection`); ``sparsity`` may be one number.
     ``bits`` (1..8): symbol width of the shared weights (``2**bits - 1`` values plus zero);
-    ``index_bits`` (1..8): width of the relative position indices. ``skip``: layers left dense.
+    ``index_bits`` (1..8): width of the relative position indices. ``skip``: layers left dense
+    (names, globs or blocks).
     ``prune_epochs`` fine-tune after pruning (``schedule`` ``agp`` prunes gradually during
     them), ``share_epochs`` fine-tune the centroids; ``lr`` / ``share_lr`` their learning rates;
     ``distill``: the model before compression teaches both fine-tunes. ``device``: where the
@@ -141,33 +138,25 @@ class DeepCompression:
     def check_model(self, model: nn.Module) -> None:
         self.plan(model)
 
+    def selection(self, field_name: str) -> LayerSelection:
+        """The per-layer values of ``sparsity``, ``bits`` or ``index_bits`` (``all`` is the default), minus skip."""
+        values = {("_default" if k == "all" else k): v for k, v in getattr(self, field_name).items()}
+        return LayerSelection({"_default": DEFAULTS[field_name], **values}, skip=self.skip)
+
     def plan(self, model: nn.Module) -> dict[str, dict[str, Any]]:
         """Per coded layer: its type, sparsity, bits and index bits; unknown layer names are errors."""
         layers = coded_layers(model)
-        names = list(layers)
-        skipped: set[str] = set()
-        for pat in self.skip:
-            hit = [n for n in names if n == pat or fnmatch.fnmatchcase(n, pat)]
-            if not hit:
-                raise ConfigError(f"no layer is named or matches '{pat}'; the layers Deep Compression codes are: "
-                                  f"{', '.join(names[:30])}", field="skip")
-            skipped.update(hit)
-        for fname in ("sparsity", "bits", "index_bits"):
-            for key in getattr(self, fname):
-                if key not in ("all", *LAYER_TYPES) and key not in layers:
-                    raise ConfigError(f"unknown layer '{key}': use all, conv, fc or a layer name; the layers Deep "
-                                      f"Compression codes are: {', '.join(names[:30])}", field=fname)
-
-        def pick(values: dict[str, Any], name: str, kind: str, default: Any) -> Any:
-            return values.get(name, values.get(kind, values.get("all", default)))
-
+        chosen = {name: self.selection(name) for name in DEFAULTS}
+        for name, sel in chosen.items():
+            sel.check(layers, what="conv and linear layers", field=name, unknown=UNKNOWN_KEY,
+                      skip_field="skip" if name == "sparsity" else None)
         plan = {}
         for name, mod in layers.items():
-            if name in skipped:
+            if chosen["bits"].left_out(name, mod):
                 continue
-            kind = _type_of(mod)
-            plan[name] = {"type": kind, "sparsity": float(pick(self.sparsity, name, kind, 0.0)),
-                          "bits": int(pick(self.bits, name, kind, 8)), "index_bits": int(pick(self.index_bits, name, kind, 8))}
+            value = {k: sel.value_for(name, mod) for k, sel in chosen.items()}
+            plan[name] = {"type": family_of(mod), "sparsity": float(value["sparsity"]), "bits": int(value["bits"]),
+                          "index_bits": int(value["index_bits"])}
         if not plan:
             raise SlimkitError("no layer is left to compress: the model has no conv or linear layer outside skip.")
         return plan
@@ -299,8 +288,6 @@ def _fmt_bytes(n: float) -> str:
 def _deep_compress_(model: nn.Module, data: DataBundle, cfg: DeepCompression, path: Path, *,
                     teacher: nn.Module | None = None, hooks: list[Any] | tuple[Any, ...] = ()) -> dict[str, Any]:
     """The pipeline, in place on ``model``; writes the ``.slim`` file to ``path``; returns the report."""
-    from .prune import Unstructured, finalize_, masks_of, prune_
-
     plan = cfg.plan(model)
     if cfg.distill and teacher is None and (cfg.prune_epochs or cfg.share_epochs):
         teacher = copy.deepcopy(model).eval()
@@ -311,12 +298,12 @@ def _deep_compress_(model: nn.Module, data: DataBundle, cfg: DeepCompression, pa
     # 1. pruning (masks held while fine-tuning)
     targets = {n: p["sparsity"] for n, p in plan.items() if p["sparsity"] > 0}
     if targets:
-        others = [n for n in _prunable(model) if n not in targets]
-        prune_cfg = Unstructured(sparsity=0.0, scope="layer", layers=targets, skip=others,
+        prune_cfg = Unstructured(sparsity=0.0, scope="layer", layers=targets,
                                  schedule=cfg.schedule if cfg.prune_epochs else "one-shot",
                                  finetune=cfg.finetune(cfg.prune_epochs, cfg.lr) if cfg.prune_epochs else None)
         _console.info(f"deep compression 1/3: pruning {len(targets)} layers")
-        pr = prune_(model, prune_cfg, data=data, teacher=teacher, hooks=list(hooks))
+        pr = prune_(model, prune_cfg, data=data, teacher=teacher, hooks=list(hooks),
+                    filter_fn=lambda module, name: name in targets)
         report["prune"] = {k: pr[k] for k in ("pruned_layers_sparsity", "finetune") if k in pr}
         if masks_of(model):
             finalize_(model)
@@ -351,12 +338,6 @@ def _deep_compress_(model: nn.Module, data: DataBundle, cfg: DeepCompression, pa
                           "after": acc_after, "drop_points": round((acc_before - acc_after) * 100, 3)}
     report["bit_exact"] = exact
     return report
-
-
-def _prunable(model: nn.Module) -> list[str]:
-    from ._prune_masks import prunable_layers
-
-    return list(prunable_layers(model))
 
 
 def _bit_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -440,8 +421,6 @@ def deep_compress(
     >>> res.report["total"]["ratio"] > 10, res.report["bit_exact"]
     (True, True)
     """
-    import tempfile
-
     cfg = config or DeepCompression()
     if not isinstance(model, nn.Module):
         raise SlimkitError(f"deep_compress needs a torch.nn.Module, got {type(model).__name__}.")

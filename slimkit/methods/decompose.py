@@ -45,6 +45,9 @@ from torch import nn
 from .. import _console
 from ..config import check
 from ..errors import ConfigError, SlimkitError
+from ..layers import FilterFn, LayerSelection
+from ..measure import count_macs, count_params
+from ..measure.backends import torch_threads
 from ..models import origin_of, record_structure, register_structure_op, set_module
 from ..pipeline import Context, register_space, register_step
 
@@ -60,6 +63,8 @@ __all__ = [
 
 CONV_METHODS = ("tucker2", "cp", "none")
 LINEAR_METHODS = ("svd", "none")
+_AUTO = "auto"  # the rank of a layer without one of its own in ``ranks``: from ``ratio`` or ``energy``
+HAS_NO = "the model has no layer '{key}'; its {what} are: {names}"
 
 
 @dataclass
@@ -67,11 +72,12 @@ class LowRank:
     """Low-rank decomposition: truncated SVD of linear layers, Tucker-2 or CP of convolutions.
 
     ``conv``: ``tucker2``, ``cp`` or ``none``; ``linear``: ``svd`` or ``none``. The rank of each
-    layer: ``ranks[name]`` when given (an int; for Tucker-2 also ``[r_out, r_in]``; ``null``
+    layer: ``ranks[name]`` when given (a name, glob or family key, as in
+    :class:`slimkit.layers.LayerSelection`; an int, for Tucker-2 also ``[r_out, r_in]``; ``null``
     leaves the layer alone), else ``ratio`` times the full rank when ``ratio`` is set
     (``min(out, in)``; Tucker-2: each of ``C_out``, ``C_in``; CP: ``min(C_out, C_in)``), else the
-    smallest rank that keeps ``energy`` of the weight's squared norm. ``skip``: layer names (or
-    name prefixes) left alone. ``only_if_smaller``: replace a layer only when that reduces both
+    smallest rank that keeps ``energy`` of the weight's squared norm. ``skip``: layer names, globs
+    or blocks left alone. ``only_if_smaller``: replace a layer only when that reduces both
     its parameters and its MACs. ``iterations``: Tucker-2 (HOOI) / CP (ALS) iterations.
     """
 
@@ -378,14 +384,6 @@ def decomposable_layers(model: nn.Module) -> list[str]:
     return out
 
 
-def _check_names(model: nn.Module, names: list[str], field_name: str, candidates: list[str]) -> None:
-    modules = dict(model.named_modules())
-    for n in names:
-        if n not in modules:
-            shown = ", ".join(candidates[:12]) + (", ..." if len(candidates) > 12 else "")
-            raise ConfigError(f"the model has no layer '{n}'; its decomposable layers are: {shown}", field=field_name)
-
-
 def _example_for(model: nn.Module, example: torch.Tensor | None, verb: str = "decompose_") -> torch.Tensor:
     """One input example on the model's device: ``example[:1]``, or zeros of the recorded input shape."""
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
@@ -398,12 +396,36 @@ def _example_for(model: nn.Module, example: torch.Tensor | None, verb: str = "de
     return torch.zeros((1, *shape), device=device)
 
 
+def replace_layers_(model: nn.Module, x: torch.Tensor, names: list[str],
+                    replace: Callable[[str, nn.Module, _Site | None], dict[str, Any]], *, label: str,
+                    noun: str) -> dict[str, Any]:
+    """``replace(name, module, site)`` for each of ``names`` (one row each, with ``replaced``), and
+    the model's parameters and MACs before and after on the input ``x``."""
+    input_shape = tuple(x.shape[1:])
+    params_before, macs_before = count_params(model)["params"], count_macs(model, input_shape)
+    sites = _trace_shapes(model, x, names)
+    rows: list[dict[str, Any]] = []
+    # small factorizations: one thread is faster, and far faster on a busy machine
+    with _console.progress() as bar, torch_threads(1):
+        task = bar.add_task(label, total=len(names), info="")
+        for name in names:
+            bar.update(task, info=name)
+            rows.append(replace(name, model.get_submodule(name), sites.get(name)))
+            bar.advance(task)
+    params_after, macs_after = count_params(model)["params"], count_macs(model, input_shape)
+    replaced = sum(bool(r["replaced"]) for r in rows)
+    _console.info(f"{label}: {replaced} of {len(rows)} {noun} replaced; params {params_before:,} -> "
+                  f"{params_after:,}, MACs {macs_before:,} -> {macs_after:,}")
+    return {"layers": rows, "replaced": replaced, "params_before": params_before, "params_after": params_after,
+            "macs_before": macs_before, "macs_after": macs_after}
+
+
 def decompose_(
     model: nn.Module,
     config: LowRank | None = None,
     *,
     example: torch.Tensor | None = None,
-    filter_fn: Callable[[nn.Module, str], bool] | None = None,
+    filter_fn: FilterFn | None = None,
 ) -> dict[str, Any]:
     """Replace the model's linear and convolution layers by low-rank chains, in place.
 
@@ -420,49 +442,28 @@ def decompose_(
     >>> report["macs_after"] < report["macs_before"]
     True
     """
-    from ..measure import count_macs, count_params
-    from ..measure.backends import torch_threads
-
     cfg = config or LowRank()
     x = _example_for(model, example)
-    candidates = decomposable_layers(model)
-    _check_names(model, list(cfg.ranks), "ranks", candidates)
-    _check_names(model, cfg.skip, "skip", candidates)
-    explicit: dict[str, int | list[int]] = {}
-    for name, rank in cfg.ranks.items():  # every explicit rank is checked before any layer changes
-        module = model.get_submodule(name)
-        if name not in candidates:
-            raise ConfigError(f"ranks['{name}']: '{name}' is a {type(module).__name__}, "
+    modules = dict(model.named_modules())
+    candidates = {n: modules[n] for n in decomposable_layers(model)}
+    selection = LayerSelection({"_default": _AUTO, **cfg.ranks}, skip=cfg.skip, filter_fn=filter_fn)
+    selection.check([n for n in modules if n], what="decomposable layers", field="ranks", unknown=HAS_NO,
+                    unmatched=HAS_NO, shown=list(candidates))
+    for name in cfg.ranks:
+        if name in modules and name not in candidates:
+            raise ConfigError(f"ranks['{name}']: '{name}' is a {type(modules[name]).__name__}, "
                               f"not a linear or Conv2d layer that can be decomposed", field="ranks")
-        kind, why = _kind_of(module, cfg)
-        if rank is not None and kind is None:
+    explicit: dict[str, int | list[int]] = {}
+    for name, rank in selection.explicit(candidates).items():  # checked before any layer changes
+        kind, why = _kind_of(candidates[name], cfg)
+        if rank is None:
+            continue
+        if kind is None:
             raise ConfigError(f"ranks['{name}']: this layer cannot be decomposed ({why})", field="ranks")
-        if rank is not None:
-            explicit[name] = _check_explicit(name, kind, module, rank)
-    input_shape = tuple(x.shape[1:])
-    params_before, macs_before = count_params(model)["params"], count_macs(model, input_shape)
-    sites = _trace_shapes(model, x, candidates)
-    rows: list[dict[str, Any]] = []
-    todo = [n for n in candidates
-            if not any(n == s or n.startswith(s + ".") for s in cfg.skip)
-            and (cfg.ranks.get(n, 0) is not None)]
-    # small factorizations: one thread is faster, and far faster on a busy machine
-    with _console.progress() as bar, torch_threads(1):
-        task = bar.add_task("decompose", total=len(todo), info="")
-        for name in todo:
-            bar.update(task, info=name)
-            module = model.get_submodule(name)
-            if filter_fn is not None and not filter_fn(module, name):
-                bar.advance(task)
-                continue
-            rows.append(_decompose_layer(model, name, module, sites.get(name), cfg, explicit.get(name)))
-            bar.advance(task)
-    params_after, macs_after = count_params(model)["params"], count_macs(model, input_shape)
-    replaced = [r for r in rows if r["replaced"]]
-    _console.info(f"decompose: {len(replaced)} of {len(rows)} layers replaced; params {params_before:,} -> "
-                  f"{params_after:,}, MACs {macs_before:,} -> {macs_after:,}")
-    return {"layers": rows, "replaced": len(replaced), "params_before": params_before, "params_after": params_after,
-            "macs_before": macs_before, "macs_after": macs_after}
+        explicit[name] = _check_explicit(name, kind, candidates[name], rank)
+    todo = list(selection.resolve(candidates)[0])
+    return replace_layers_(model, x, todo, lambda name, module, site: _decompose_layer(
+        model, name, module, site, cfg, explicit.get(name)), label="decompose", noun="layers")
 
 
 def _decompose_layer(model: nn.Module, name: str, m: nn.Module, site: _Site | None, cfg: LowRank,
@@ -561,13 +562,18 @@ def _factorize(kind: str, m: nn.Module, w: torch.Tensor, rank: int | list[int], 
 # ----------------------------------------------------------------------------- recipe step and search space
 
 
+def run_replacing(ctx: Context, verb: Callable[..., dict[str, Any]], cfg: Any, step: str) -> dict[str, Any]:
+    """A layer-replacing step: ``verb(ctx.model, cfg, example=...)``, its config errors placed in ``step``."""
+    try:
+        return verb(ctx.model, cfg, example=ctx.data.example(1))
+    except ConfigError as e:
+        raise e.located(f"recipe step '{step}'") from None
+
+
 @register_step("decompose", LowRank, forbids={"exported", "quantized", "fake_quant", "masked"})
 def _decompose_step(ctx: Context, cfg: LowRank) -> dict[str, Any]:
     """Low-rank decomposition of the model's layers; follow it with finetune or distill."""
-    try:
-        return decompose_(ctx.model, cfg, example=ctx.data.example(1))
-    except ConfigError as e:
-        raise e.located("recipe step 'decompose'") from None
+    return run_replacing(ctx, decompose_, cfg, "decompose")
 
 
 @register_space("decompose", order=20)

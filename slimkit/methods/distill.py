@@ -38,10 +38,14 @@ from .. import _console
 from ..config import check
 from ..data import DataBundle
 from ..errors import ConfigError, SlimkitError
+from ..layers import layer_error
+from ..models import check_fits, load_model, zoo_names
 from ..pipeline import Context, register_space, register_step
 from ..training import TrainConfig, fit
 
 __all__ = ["Distillation", "Distill", "distill", "FeatureDistillation", "teacher_gap"]
+
+NO_LAYER = "the {what} has no layer '{key}'; its layers include: {names}"
 
 
 @dataclass
@@ -91,11 +95,11 @@ class Distill(Distillation):
 
 
 def _layer(model: nn.Module, name: str, role: str) -> nn.Module:
+    """The layer ``name`` of the student or teacher (a feature pair names one layer on each side)."""
     modules = dict(model.named_modules())
     if name not in modules or not name:
-        shown = [n for n, m in modules.items() if n and not list(m.children())][:15]
-        raise ConfigError(f"the {role} has no layer '{name}'; its layers include: {', '.join(shown)}",
-                          field="features")
+        leaves = [n for n, m in modules.items() if n and not list(m.children())]
+        raise layer_error(name, leaves, field="features", what=role, message=NO_LAYER)
     return modules[name]
 
 
@@ -348,8 +352,6 @@ def distill(
 
 def build_student(spec: str, data: DataBundle, *, weights: str | None = None, seed: int = 0) -> nn.Module:
     """A fresh student of architecture ``spec`` for ``data`` (seeded), with ``weights`` if given."""
-    from ..models import check_fits, load_model
-
     torch.manual_seed(seed)
     model = load_model(spec, weights=weights, input_shape=data.input_shape, num_classes=data.num_classes)
     check_fits(model, data.input_shape, data.num_classes, data.name, f"the student {spec}")
@@ -358,8 +360,6 @@ def build_student(spec: str, data: DataBundle, *, weights: str | None = None, se
 
 def check_student_spec(spec: str, field_name: str = "student") -> None:
     """Reject a student spec that can never build a model, before any work."""
-    from ..models import zoo_names
-
     if spec.startswith("zoo:"):
         name = spec[4:].split(",")[0].strip()
         if name not in zoo_names():

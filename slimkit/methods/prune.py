@@ -29,12 +29,14 @@ from torch import nn
 from .. import _console
 from ..config import check
 from ..data import DataBundle
-from ..errors import SlimkitError
-from ..pipeline import Context, register_space, register_step
+from ..errors import ExportError, SlimkitError
+from ..export import parity
+from ..layers import FilterFn, LayerSelection
+from ..measure import count_macs, count_params
+from ..pipeline import Context, Finetune, register_space, register_step
 from ..training import fit
 from ._prune_masks import (
     AGPSchedule,
-    FilterFn,
     MaskHook,
     apply_masks_,
     compute_masks_,
@@ -48,7 +50,6 @@ from ._prune_lottery import LotteryResult, lottery, plot_lottery
 from ._prune_sensitivity import allocate, plot_sensitivity, sensitivity
 from ._prune_structured import IMPORTANCES, prune_channels_
 from ._prune_sparse import csr_bytes, load_csr, save_csr, sparse_onnx
-from ..pipeline import Finetune
 
 __all__ = [
     "Unstructured",
@@ -84,8 +85,9 @@ class Unstructured:
 
     ``sparsity``: fraction of each pruned layer's weights set to zero (``scope="layer"``) or of
     all pruned layers' weights together under one magnitude threshold (``scope="global"``).
-    ``layers``: a sparsity of its own per layer, by module name (such a layer is pruned alone).
-    ``skip``: layers never pruned (module names or glob patterns like ``"layer3.*"``).
+    ``layers``: a sparsity of its own per layer, by module name, glob or family (``conv``, ``fc``;
+    see :class:`slimkit.layers.LayerSelection`); such a layer is pruned alone.
+    ``skip``: layers never pruned (module names, glob patterns like ``"layer3.*"``, or blocks).
     ``schedule``: ``one-shot``, or ``agp`` (Zhu & Gupta's cubic schedule, growing the sparsity
     over the first ``ramp`` of the ``finetune`` steps). ``finetune``: fine-tune after pruning
     (by default distilling from the unpruned model); ``agp`` needs it.
@@ -119,7 +121,7 @@ class Structured:
     Uses Torch-Pruning's dependency graph, so channels tied by residual adds, concatenations,
     grouped and depthwise convolutions are removed together. ``ratio``: fraction of each
     layer's output channels removed (``scope="global"``: ranked across layers, the same total
-    fraction). ``layers``: a ratio of its own per layer, by module name. ``importance``: how
+    fraction). ``layers``: a ratio of its own per layer, by module name, glob or family. ``importance``: how
     channels are ranked (``l1``, ``l2`` weight norms, ``taylor`` first-order loss change on
     real training batches, ``bn-scale`` batch-norm scale). ``round_to``: each layer keeps the
     nearest multiple of this many channels (8 by default: ONNX Runtime's CPU kernels run odd
@@ -211,10 +213,9 @@ def _finetune(model: nn.Module, data: DataBundle, ft: Finetune, teacher: nn.Modu
 
 def _unstructured(model: nn.Module, cfg: Unstructured, data: DataBundle | None, teacher: nn.Module | None,
                   filter_fn: FilterFn | None, hooks: Any) -> dict[str, Any]:
-    targets, skipped = resolve_targets(model, cfg.sparsity, cfg.layers, cfg.skip, filter_fn)
+    targets, skipped, alone = resolve_targets(model, cfg.sparsity, cfg.layers, cfg.skip, filter_fn)
     if not targets:
         raise SlimkitError("no layer is left to prune: every prunable layer was skipped.")
-    alone = set(cfg.layers)
     before = sparsity_report(model, list(targets))
     schedule = None
     if cfg.schedule == "agp":
@@ -235,8 +236,6 @@ def _unstructured(model: nn.Module, cfg: Unstructured, data: DataBundle | None, 
 
 def _structured(model: nn.Module, cfg: Structured, example: torch.Tensor | None, data: DataBundle | None,
                 teacher: nn.Module | None, filter_fn: FilterFn | None, hooks: Any) -> dict[str, Any]:
-    from ..measure import count_macs, count_params
-
     if has_masks(model):
         raise SlimkitError("this model holds unstructured pruning masks; prune structurally first, or finalize_ "
                            "the masks before removing channels.")
@@ -249,9 +248,9 @@ def _structured(model: nn.Module, cfg: Structured, example: torch.Tensor | None,
     shape = tuple(example.shape[1:])
     before = {**count_params(model), "macs": count_macs(model, shape)}
     with _console.status(f"structured pruning ({cfg.importance}, ratio {cfg.ratio})"):
-        result = prune_channels_(model, ratio=cfg.ratio, layers=cfg.layers, importance=cfg.importance,
-                                 round_to=cfg.round_to, skip=cfg.skip, scope=cfg.scope, example=example,
-                                 data=data, filter_fn=filter_fn)
+        selection = LayerSelection({"_default": cfg.ratio, **cfg.layers}, skip=cfg.skip, filter_fn=filter_fn)
+        result = prune_channels_(model, selection, importance=cfg.importance, round_to=cfg.round_to,
+                                 scope=cfg.scope, example=example, data=data)
     after = {**count_params(model), "macs": count_macs(model, shape)}
     report: dict[str, Any] = {
         "method": "structured", "importance": cfg.importance, "ratio": cfg.ratio, "scope": cfg.scope,
@@ -312,9 +311,6 @@ def _structured_space(trial: Any) -> Structured | None:
 @register_step("store_sparse", StoreSparse, requires={"exported"}, forbids={"quantized"}, clears={"masked"})
 def _store_sparse_step(ctx: Context, cfg: StoreSparse) -> dict[str, Any]:
     """Rewrite the current ONNX artifact with sparse initializers and check it still agrees."""
-    from ..errors import ExportError
-    from ..export import parity
-
     dst = ctx.new_path("model-sparse")
     report = sparse_onnx(ctx.onnx_path, dst)
     x = ctx.data.x_test[:512]

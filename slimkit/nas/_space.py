@@ -37,6 +37,7 @@ import yaml
 from torch import nn
 
 from ..errors import ConfigError, SlimkitError
+from ..models.zoo import MBV2_STAGES, create_model
 
 __all__ = ["Space", "Family", "register_family", "get_family", "family_names", "load_space", "arch_summary"]
 
@@ -285,8 +286,6 @@ def _flow(data: Any) -> str:
 
 
 def _mbv2_stages(arch: Arch) -> list[dict[str, int]]:
-    from ..models.zoo import MBV2_STAGES
-
     if len(arch["stages"]) != len(MBV2_STAGES):
         raise ConfigError(f"mobilenetv2 has {len(MBV2_STAGES)} stages, got {len(arch['stages'])}", where="architecture")
     return [{"expand": int(st["expand"]), "channels": base["channels"], "blocks": int(st["blocks"]),
@@ -294,8 +293,6 @@ def _mbv2_stages(arch: Arch) -> list[dict[str, int]]:
 
 
 def _mbv2_build(arch: Arch, input_shape: Sequence[int], num_classes: int) -> nn.Module:
-    from ..models import create_model
-
     return create_model("mobilenetv2", input_shape=input_shape, num_classes=num_classes,
                         width=float(arch["width"]), stages=_mbv2_stages(arch))
 
@@ -337,8 +334,6 @@ register_family(Family(
 
 
 def _resnet_build(arch: Arch, input_shape: Sequence[int], num_classes: int) -> nn.Module:
-    from ..models import create_model
-
     return create_model("resnet", input_shape=input_shape, num_classes=num_classes, width=float(arch["width"]),
                         blocks=[int(s["blocks"]) for s in arch["stages"]],
                         kernel=[int(s["kernel"]) for s in arch["stages"]])

@@ -35,8 +35,10 @@ from torch import nn
 from .. import _console
 from ..data import DataBundle, resolve_data
 from ..errors import SlimkitError
-from ._space import Arch, Family, Space, get_family
-from ._table import _space_arg
+from ..models import set_origin
+from ..training import distillation_loss, evaluate
+from ._hooks import recalibrate_bn
+from ._space import Arch, Family, Space, get_family, load_space
 
 __all__ = ["Supernet", "train_supernet", "evaluate_subnet", "inherit"]
 
@@ -61,7 +63,7 @@ class Supernet(nn.Module):
                  space: Space | dict[str, Any] | str | Path | None = None):
         super().__init__()
         self.family = family if isinstance(family, Family) else get_family(family)
-        self.space = _space_arg(self.family, space)
+        self.space = load_space(self.family, space)
         self.input_shape = tuple(input_shape)
         self.num_classes = int(num_classes)
         self.largest = self.space.largest()
@@ -126,8 +128,6 @@ class Supernet(nn.Module):
         with torch.no_grad():
             for name, p in model.named_parameters():
                 p.copy_(inherit(big[mapping[name]], p.shape))
-        from ..models import set_origin
-
         set_origin(model, self.family.spec(arch), self.input_shape, self.num_classes)
         return model.eval()
 
@@ -154,8 +154,6 @@ def train_supernet(
     Each step: the largest, the smallest and ``random_subnets`` random sub-networks, on the same
     batch; Adam with a cosine schedule. Returns ``steps``, ``subnets_per_step``, ``seconds``.
     """
-    from ..training import distillation_loss
-
     bundle = resolve_data(data, seed)
     if steps < 1:
         raise SlimkitError(f"supernet steps must be >= 1, got {steps}.")
@@ -204,9 +202,6 @@ def evaluate_subnet(supernet: Supernet, arch: Arch, data: DataBundle | str, *, s
                     bn_batches: int = 8, seed: int = 0) -> tuple[float, nn.Module]:
     """Accuracy of ``arch`` with the supernet's weights (batch norm re-estimated on
     ``bn_batches`` training batches), and the extracted model."""
-    from ..training import evaluate
-    from ._search import recalibrate_bn
-
     bundle = resolve_data(data, seed)
     model = supernet.extract(arch)
     recalibrate_bn(model, bundle.x_train, batches=bn_batches, seed=seed)

@@ -37,7 +37,10 @@ from __future__ import annotations
 
 import copy
 import datetime as _dt
+import itertools
+import json
 import math
+import os
 import random
 import statistics
 import tempfile
@@ -54,9 +57,14 @@ from .. import _console, _io
 from .._provenance import run_info
 from ..data import DataBundle, resolve_data
 from ..errors import SlimkitError
+from ..export import export_onnx, fold_batchnorm
+from ..measure import default_threads
+from ..measure.backends import get_backend
+from ..measure.timing import interleaved
+from ._chain import block_plan, onnx_chain
 from ._space import Arch, Family, Space, get_family, load_space
 
-__all__ = ["LatencyTable", "build_latency_table", "block_plan", "interleaved_medians", "CHAIN_COPIES"]
+__all__ = ["LatencyTable", "build_latency_table", "relative_error", "CHAIN_COPIES"]
 
 FORMAT = 1
 CHAIN_COPIES = 4  # following blocks chained after the first to measure one by difference
@@ -64,182 +72,6 @@ CHAIN_COPIES = 4  # following blocks chained after the first to measure one by d
 
 def _width_key(width: float) -> str:
     return f"{float(width):g}"
-
-
-# ----------------------------------------------------------------------------- blocks of a model
-
-
-def _signature(module: nn.Module, in_shape: Sequence[int]) -> str:
-    """What decides a block's latency: its type, input shape and every conv / linear it holds."""
-    parts = []
-    for m in module.modules():
-        if isinstance(m, nn.Conv2d):
-            text = f"{m.in_channels}>{m.out_channels} k{m.kernel_size[0]}"
-            text += f" s{m.stride[0]}" if m.stride[0] != 1 else ""
-            text += f" g{m.groups}" if m.groups != 1 else ""
-            parts.append(text)
-        elif isinstance(m, nn.Linear):
-            parts.append(f"fc {m.in_features}>{m.out_features}")
-    return f"{type(module).__name__} {'x'.join(map(str, in_shape))} [{'; '.join(parts)}]"
-
-
-def block_plan(family: Family, arch: Arch, input_shape: Sequence[int], num_classes: int,
-               model: nn.Module | None = None) -> tuple[nn.Module, list[dict[str, Any]]]:
-    """The model of ``arch`` and its searchable blocks in order, each with its table key.
-
-    Each block: ``name`` (module), ``stage``, ``role`` (``first`` of its stage or ``next``),
-    ``key`` (``role: signature``), ``in_shape`` / ``out_shape`` (one example, no batch).
-    """
-    if model is None:
-        model = family.build(arch, input_shape, num_classes)
-    blocks = family.blocks(model)
-    counts = [int(st.get("blocks", 1)) for st in arch["stages"]]
-    if sum(counts) != len(blocks):
-        raise SlimkitError(f"family '{family.name}': the architecture asks for {sum(counts)} blocks but the model "
-                           f"has {len(blocks)}; its blocks() does not match its build().")
-    shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
-    hooks = [m.register_forward_hook(lambda mod, a, o, n=name: shapes.__setitem__(
-        n, (tuple(a[0].shape[1:]), tuple(o.shape[1:])))) for name, m in blocks]
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(torch.zeros((1, *input_shape)))
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was)
-    plan, i = [], 0
-    for stage, n in enumerate(counts):
-        for j in range(n):
-            name, mod = blocks[i]
-            in_shape, out_shape = shapes[name]
-            role = "first" if j == 0 else "next"
-            plan.append({"name": name, "stage": stage, "role": role,
-                         "key": f"{role}: {_signature(mod, in_shape)}", "in_shape": in_shape, "out_shape": out_shape})
-            i += 1
-    return model, plan
-
-
-# ----------------------------------------------------------------------------- ONNX chains
-
-
-def _scopes(node: Any) -> list[str]:
-    import ast
-
-    for p in node.metadata_props:
-        if p.key == "pkg.torch.onnx.name_scopes":
-            try:
-                return list(ast.literal_eval(p.value))
-            except (ValueError, SyntaxError):
-                return []
-    return []
-
-
-def onnx_chain(model: Any, names: Sequence[str], in_shape: Sequence[int], out_shape: Sequence[int]) -> Any:
-    """An ONNX model running the blocks ``names`` of ``model`` (an exported ``ModelProto``) one
-    after the other; a name may repeat (each copy gets its own tensors and weights).
-
-    The blocks' nodes are found by the exporter's module scopes; each must read one activation
-    and hand one on, and consecutive blocks must fit (``in_shape`` of the first, ``out_shape``
-    of the last, without the batch dimension, which stays dynamic).
-    """
-    import onnx
-    from onnx import helper
-
-    g = model.graph
-    inits = {i.name: i for i in g.initializer}
-    graph_outputs = {o.name for o in g.output}
-    segments: dict[str, tuple[list[Any], str, str]] = {}
-    for name in dict.fromkeys(names):
-        idx = [k for k, n in enumerate(g.node) if name in _scopes(n)]
-        if not idx:
-            raise SlimkitError(f"the exported graph has no node of module '{name}' (the exporter's scope metadata "
-                               "is missing); this family cannot be measured block by block on ort-cpu.")
-        nodes = [g.node[k] for k in idx]
-        inside = set(idx)
-        produced = {o for n in nodes for o in n.output if o}
-        ext = [i for i in dict.fromkeys(i for n in nodes for i in n.input if i) if i not in produced and i not in inits]
-        used_outside = {i for k, n in enumerate(g.node) if k not in inside for i in n.input} | graph_outputs
-        outs = [o for o in produced if o in used_outside]
-        if len(ext) != 1 or len(outs) != 1:
-            raise SlimkitError(f"module '{name}' reads {len(ext)} and hands on {len(outs)} activations in the exported "
-                               "graph; a searchable block must read one and hand on one.")
-        segments[name] = (nodes, ext[0], outs[0])
-    new_nodes, new_inits = [], []
-    current = "input"
-    for j, name in enumerate(names):
-        nodes, src, dst = segments[name]
-        rename = {src: current}
-        for n in nodes:
-            for t in list(n.input) + list(n.output):
-                if t and t not in rename:
-                    rename[t] = f"b{j}/{t}"
-                    if t in inits:
-                        init = copy.deepcopy(inits[t])
-                        init.name = rename[t]
-                        new_inits.append(init)
-        for n in nodes:
-            m = copy.deepcopy(n)
-            m.name = f"b{j}/{n.name}"
-            del m.input[:]
-            m.input.extend(rename.get(t, t) if t else t for t in n.input)
-            del m.output[:]
-            m.output.extend(rename.get(t, t) if t else t for t in n.output)
-            new_nodes.append(m)
-        current = rename[dst]
-    dims_in = ["batch", *map(int, in_shape)]
-    dims_out = ["batch", *map(int, out_shape)]
-    graph = helper.make_graph(
-        new_nodes, "chain",
-        [helper.make_tensor_value_info("input", onnx.TensorProto.FLOAT, dims_in)],
-        [helper.make_tensor_value_info(current, onnx.TensorProto.FLOAT, dims_out)],
-        initializer=new_inits)
-    out = helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
-    out.functions.extend(model.functions)
-    return out
-
-
-# ----------------------------------------------------------------------------- timing
-
-
-def interleaved_medians(runs: dict[str, Callable[[], Any]], *, rounds: int = 7, chunk_s: float = 0.05,
-                        seed: int = 0, label: str = "timing") -> dict[str, list[float]]:
-    """Per-round median latency (ms) of each callable, timed in interleaved rounds.
-
-    Each round visits every callable in a fresh random order; a visit makes two warm-up calls
-    (another session's threads may still be spinning) and then times a chunk of calls (about
-    ``chunk_s`` seconds, 3 to 2000 calls), keeping their median. Returns ``{name: [median per
-    round]}``: take the median over rounds, or pair two callables round by round.
-    """
-    calls: dict[str, int] = {}
-    for name, run in runs.items():  # warm up, and size each chunk
-        t0 = time.perf_counter()
-        n = 0
-        while n < 3 or (time.perf_counter() - t0 < 0.02 and n < 200):
-            run()
-            n += 1
-        per = (time.perf_counter() - t0) / n
-        calls[name] = int(min(2000, max(3, chunk_s / max(per, 1e-6))))
-    out: dict[str, list[float]] = {name: [] for name in runs}
-    rng = random.Random(seed)
-    names = list(runs)
-    with _console.progress() as bar:
-        task = bar.add_task(label, total=rounds * len(names), info="")
-        for r in range(rounds):
-            rng.shuffle(names)
-            for name in names:
-                run = runs[name]
-                run()
-                run()
-                samples = []
-                for _ in range(calls[name]):
-                    s = time.perf_counter()
-                    run()
-                    samples.append(time.perf_counter() - s)
-                out[name].append(float(np.median(samples)) * 1e3)
-                bar.update(task, advance=1, info=f"round {r + 1}/{rounds}")
-    return out
 
 
 # ----------------------------------------------------------------------------- the table
@@ -288,8 +120,6 @@ class LatencyTable:
 
     @classmethod
     def load(cls, path: str | Path) -> "LatencyTable":
-        import json
-
         path = Path(path)
         if not path.is_file():
             raise SlimkitError(f"latency table {path} does not exist; build one with slimkit latency-table "
@@ -404,8 +234,6 @@ def _reference_archs(space: Space, width: float) -> list[Arch]:
 
 
 def _product(lists: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
-    import itertools
-
     return list(itertools.product(*lists)) if lists else [()]
 
 
@@ -437,9 +265,6 @@ def build_latency_table(
     >>> sorted(table.data["fixed_ms"])  # doctest: +SKIP
     ['0.5']
     """
-    from ..measure import default_threads
-    from ..measure.backends import get_backend
-
     fam = family if isinstance(family, Family) else get_family(family)
     backend = get_backend(target)
     if int(batch) < 1:
@@ -449,7 +274,7 @@ def build_latency_table(
     threads = int(threads or default_threads())
     if threads < 1:
         raise SlimkitError(f"--threads must be at least 1, got {threads}.")
-    sp = _space_arg(fam, space)
+    sp = load_space(fam, space)
     bundle = resolve_data(data)
     input_shape, num_classes = tuple(bundle.input_shape), int(bundle.num_classes)
     if len(input_shape) != 3:
@@ -494,15 +319,11 @@ def build_latency_table(
                 if backend.needs_onnx:
                     import onnx
 
-                    from ..export import export_onnx
-
                     path = export_onnx(model, tmp / f"ref{r_i}.onnx", example)
                     onnx_model = onnx.load(str(path))
                     full = backend.prepare(None, path, threads)
                     keep.append(full)
                 else:
-                    from ..export import fold_batchnorm
-
                     deploy = fold_batchnorm(model, example)
                     full = backend.prepare(deploy, None, threads)
                     keep.append(full)
@@ -556,13 +377,9 @@ def build_latency_table(
             model = fam.build(arch, input_shape, num_classes).eval()
             example = torch.zeros((2, *input_shape))
             if backend.needs_onnx:
-                from ..export import export_onnx
-
                 where = Path(validation_dir) if validation_dir is not None else tmp
                 r = backend.prepare(None, export_onnx(model, where / f"val{v_i}.onnx", example), threads)
             else:
-                from ..export import fold_batchnorm
-
                 r = backend.prepare(fold_batchnorm(model, example), None, threads)
             keep.append(r)
             xin = np.ascontiguousarray(rng.standard_normal((int(batch), *input_shape)).astype(np.float32))
@@ -570,7 +387,7 @@ def build_latency_table(
             val_sessions.append((arch, f"val{v_i}"))
         _console.info(f"timing {len(runs)} sessions ({len(firsts)} first blocks, {len(chains)} chains, "
                       f"{len(refs)} whole networks) in {rounds} interleaved rounds")
-        times = interleaved_medians(runs, rounds=rounds, chunk_s=chunk_s, seed=seed, label="latency table")
+        times = interleaved(runs, rounds=rounds, seconds=chunk_s, shuffle_seed=seed, label="latency table")
         for r in keep:
             r.close()
 
@@ -641,15 +458,8 @@ def build_latency_table(
     return table
 
 
-def _space_arg(fam: Family, space: Space | dict[str, Any] | str | Path | None) -> Space:
-    """A full space, a YAML file, or a partial mapping over the family's default (:func:`load_space`)."""
-    return load_space(fam, space)
-
-
 def _loadavg() -> list[float] | None:
     try:
-        import os
-
         return [round(x, 2) for x in os.getloadavg()]
     except (AttributeError, OSError):
         return None

@@ -8,6 +8,7 @@ measured on the target.
 from __future__ import annotations
 
 import copy
+import functools
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -122,9 +123,13 @@ def _write_outputs(out: Path, ctx: Context, net: nn.Module, report: dict[str, An
     report["files"] = {"onnx": str(onnx_final), "weights": str(out / "model.safetensors"),
                        "report": str(out / "result.json")}
     for fname, src in ctx.outputs.items():  # files a step made, e.g. model.slim
-        _io.atomic_write(out / fname, lambda tmp, src=src: shutil.copyfile(src, tmp))
+        _io.atomic_write(out / fname, functools.partial(_copy_to, src))
         report["files"][fname] = str(out / fname)
     return onnx_final
+
+
+def _copy_to(src: Path, tmp: Path) -> None:
+    shutil.copyfile(src, tmp)
 
 
 def write_result(out: Path, report: dict[str, Any]) -> Path:

@@ -31,6 +31,7 @@ from typing import Any
 import yaml
 from torch import nn
 
+from .. import _io
 from .._plugins import load_methods
 from ..config import config_from_dict, config_to_dict
 from ..errors import ConfigError, SlimkitError
@@ -164,6 +165,7 @@ class Recipe:
             raise ConfigError("a recipe is a non-empty list of steps, e.g. [{finetune: {epochs: 3}}, export]", where=source)
         steps = []
         for i, item in enumerate(data, 1):
+            body: Any
             if isinstance(item, str):
                 name, body = item, {}
             elif isinstance(item, dict) and len(item) == 1:
@@ -187,13 +189,14 @@ class Recipe:
     @classmethod
     def load(cls, path: str | Path) -> "Recipe":
         path = Path(path)
-        if not path.is_file():
-            raise SlimkitError(f"recipe file {path} does not exist." if not path.exists() else
-                               f"recipe {path} is not a file; give a YAML file with a list of steps.")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
-            raise SlimkitError(f"recipe {path} is not valid YAML: {e}") from None
+
+        def parse(p: Path) -> Any:
+            try:
+                return yaml.safe_load(p.read_text(encoding="utf-8"))
+            except yaml.YAMLError as e:
+                raise SlimkitError(f"recipe {p} is not valid YAML: {e}") from None
+
+        data = _io.read_file(path, "recipe", parse, expected="give a YAML file with a list of steps")
         return cls.from_data(data, source=f"recipe {path.name}")
 
     @classmethod

@@ -72,7 +72,8 @@ def export_step(ctx: Context, cfg: Export | None = None) -> dict[str, Any]:
     path = ctx.new_path("model")
     with _console.status("exporting to ONNX"):
         export_onnx(ctx.model, path, ctx.data.example(2), opset=cfg.opset)
-    float_path, transformed = path, {}
+    float_path = path
+    transformed: dict[str, Any] = {}
     transform = ctx.export_transform  # e.g. QAT: the float export -> integer QDQ kernels
     if transform is not None:
         path, transformed = transform.fn(ctx, float_path)

@@ -1,4 +1,5 @@
-"""``slimkit compress``: the best model within a budget, searched jointly across every method.
+"""``slimkit compress``: the best model within a budget, searched jointly across every method;
+and the public study kit that every search (``compress``, :func:`slimkit.nas.nas`) runs on.
 
 The search is an Optuna study (define-by-run): each trial draws a recipe from the spaces the
 registered steps carry (:func:`slimkit.pipeline.register_space`), applies it for real, and is
@@ -6,14 +7,47 @@ judged on the exported artifact measured on the target. The budget is a set of h
 constraints; the objectives (latency, size, accuracy) give a Pareto front; the best feasible
 trial by the chosen objective becomes ``best.onnx``.
 
->>> from slimkit.search import compress, worker  # doctest: +SKIP
->>> res = compress("zoo:lenet5", "digits", weights="runs/lenet5/model.safetensors",
-...                max_accuracy_drop=0.01, trials=12, out="runs/lenet5-compress")  # doctest: +SKIP
+The study kit: the option objects (:class:`Budget`, :class:`Search`, :class:`Store`), the
+stored record (:class:`SearchRecord`), :func:`open_place` / :func:`open_or_resume` (create a
+study or resume it, checking its stored settings), :func:`ensure_baseline`, :class:`Session`,
+:class:`TrialRecorder`, :class:`EarlyStop`, :func:`make_sampler`, :func:`write_results` and the
+worker's side (:func:`join_study`).
+
+>>> from slimkit.search import Budget, Search, Store, compress  # doctest: +SKIP
+>>> from slimkit.models import ModelRef  # doctest: +SKIP
+>>> res = compress(ModelRef("zoo:lenet5", weights="runs/lenet5/model.safetensors"), "digits",
+...                budget=Budget(max_accuracy_drop=0.01), search=Search(trials=12),
+...                store=Store(out="runs/lenet5-compress"))  # doctest: +SKIP
 """
 
-from ._run import CompressResult, compress, make_sampler, worker
-from ._space import draw_recipe, searchable_steps
-from ._study import OBJECTIVES, SAMPLERS, Budget, SearchConfig
+from ._objective import Objective
+from ._options import OBJECTIVES, SAMPLERS, Budget, CompressSpace, Search, Store, WorkerOptions, parse_latency
+from ._record import (BASELINE_ATTR, DIRECTIONS, FINISHED, METRICS, RESULT_FILES, STUDY_ATTR, NasRecord,
+                      SearchRecord)
+from ._results import baseline_test, pick_best, trial_rows, write_results
+from ._run import CompressResult, compress, compress_worker, model_record
+from ._space import GridTrial, draw_recipe, searchable_steps
+from ._study import (Joined, StudyPlace, check_worker_args, clean_outputs, count_finished, default_storage,
+                     ensure_baseline, file_sha256, finished_states, join_study, make_sampler, open_or_resume,
+                     open_place, open_storage, optimize, quiet_optuna, redact, study_names, trial_counts,
+                     validation_subset, worker_seed)
+from ._trial import (EarlyStop, Judged, Session, TrialRecorder, apply_trial, constraint_limits, constraint_values,
+                     describe_figures, figures_of, measure_baseline, speed_verdicts)
 
-__all__ = ["compress", "worker", "CompressResult", "Budget", "SearchConfig", "draw_recipe", "searchable_steps",
-           "make_sampler", "OBJECTIVES", "SAMPLERS"]
+__all__ = [
+    # compress
+    "compress", "compress_worker", "CompressResult", "Objective", "draw_recipe", "searchable_steps", "GridTrial",
+    # option objects and the stored record
+    "Budget", "Search", "Store", "CompressSpace", "WorkerOptions", "parse_latency", "OBJECTIVES", "SAMPLERS",
+    "SearchRecord", "NasRecord", "STUDY_ATTR", "BASELINE_ATTR", "DIRECTIONS", "METRICS", "FINISHED", "RESULT_FILES",
+    # the study kit
+    "StudyPlace", "open_place", "open_or_resume", "ensure_baseline", "clean_outputs", "quiet_optuna", "make_sampler",
+    "optimize", "count_finished", "finished_states", "trial_counts", "open_storage", "default_storage", "redact",
+    "study_names", "file_sha256", "validation_subset", "model_record",
+    # trials
+    "Session", "TrialRecorder", "Judged", "EarlyStop", "apply_trial", "measure_baseline", "figures_of",
+    "constraint_values", "constraint_limits", "describe_figures", "speed_verdicts",
+    # results and workers
+    "write_results", "trial_rows", "pick_best", "baseline_test", "Joined", "join_study", "check_worker_args",
+    "worker_seed",
+]

@@ -14,6 +14,7 @@ Written into the output folder, each file atomically:
 from __future__ import annotations
 
 import copy
+import math
 import shlex
 import shutil
 from collections.abc import Callable
@@ -23,12 +24,16 @@ from typing import Any
 from .. import _console, _io
 from .._provenance import run_info
 from ..errors import NoFeasibleTrialError
-from ._objective import Session, apply_trial, constraint_limits, recipe_summary
-from ._study import SearchConfig, redact
+from ..measure import profile
+from ..measure.timing import medians, side_by_side
+from ..models import load_model
+from ..pipeline import Recipe, recipe_summary
+from ..report.html import render_report
+from ._record import RESULT_FILES, SearchRecord
+from ._study import redact
+from ._trial import Session, apply_trial, constraint_limits, constraint_values
 
-__all__ = ["write_results", "trial_rows", "RESULT_FILES"]
-
-RESULT_FILES = ("best.onnx", "best.safetensors", "best_recipe.yaml", "trials.csv", "result.json", "report.html")
+__all__ = ["write_results", "trial_rows", "pick_best", "baseline_test", "RESULT_FILES"]
 
 _SELECT = {
     "latency": lambda f: (f["latency_ratio"], -f["val_accuracy"], f["size_kb"]),
@@ -48,7 +53,7 @@ def pick_best(trials: list[Any], objective: str) -> Any | None:
     return min(feasible, key=lambda t: (_SELECT[objective](t.user_attrs["figures"]), t.number))
 
 
-def trial_rows(trials: list[Any], cfg: SearchConfig, pareto: set[int], best: int | None) -> list[dict[str, Any]]:
+def trial_rows(trials: list[Any], cfg: SearchRecord, pareto: set[int], best: int | None) -> list[dict[str, Any]]:
     """One flat row per trial (for trials.csv and the report's table)."""
     rows = []
     for t in sorted(trials, key=lambda t: t.number):
@@ -107,21 +112,20 @@ def _artifacts(trial: Any, session: Session) -> tuple[Path, str | None]:
     _console.info(f"trial {trial.number}'s files are not reachable here ({path}); rebuilding them from its recipe")
     with _console.muted():
         apply_trial(trial.user_attrs["recipe"], trial.user_attrs.get("model") or session.model, session.data,
-                    session.cfg, where)
+                    session.record, where)
     return where, f"rebuilt from its recipe on this machine (the trial ran on {trial.user_attrs.get('worker')})"
 
 
-def _measure_test(session: Session, folder: Path, *, batch_sizes: list[int], layers: bool) -> dict[str, Any]:
-    from ..measure import profile
-    from ..models import load_model
-
-    cfg = session.cfg
+def _measure_test(session: Session, folder: Path, *, onnx: str = "model.onnx", weights: str = "model.safetensors",
+                  batch_sizes: list[int], layers: bool) -> dict[str, Any]:
+    """A trial's (or the best model's) files measured on the *test* split (``weights`` for torch-cpu)."""
+    cfg = session.record
     model = None
     if cfg.target != "ort-cpu":
-        model = load_model(weights=folder / "model.safetensors", input_shape=session.data.input_shape,
+        model = load_model(weights=folder / weights, input_shape=session.data.input_shape,
                            num_classes=session.data.num_classes)
     return profile(model, session.data, target=cfg.target, threads=cfg.threads, batch_sizes=batch_sizes,
-                   onnx_path=folder / "model.onnx" if cfg.target == "ort-cpu" else None, split="test",
+                   onnx_path=folder / onnx if cfg.target == "ort-cpu" else None, split="test",
                    layers=layers, max_seconds=max(cfg.max_seconds, 1.0))
 
 
@@ -133,10 +137,8 @@ def baseline_test(baseline: dict[str, Any]) -> dict[str, Any]:
     return b
 
 
-def _unmet(trials: list[Any], cfg: SearchConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def _unmet(trials: list[Any], cfg: SearchRecord) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Which constraints no complete trial met (alone), and the trials closest to the budget."""
-    from ._objective import constraint_values
-
     done = [t for t in trials if t.state.name == "COMPLETE" and "figures" in t.user_attrs]
     limits = constraint_limits(cfg.budget_obj, cfg.batch_sizes)
     per_trial = {t.number: constraint_values(cfg.budget_obj, t.user_attrs["figures"], cfg.batch_sizes) for t in done}
@@ -173,9 +175,7 @@ def write_results(study: Any, session: Session, *, storage: str, out: Path,
     ``folder`` holding the model that becomes ``best.*``, its ``recipe``, the ``model`` it
     applies to and a ``note``; ``extra`` is merged into ``result.json`` (and the report).
     """
-    from ..report.html import render_report
-
-    cfg = session.cfg
+    cfg = session.record
     out = Path(out)
     trials = study.get_trials(deepcopy=False)
     finished = [t for t in trials if t.state.name in ("COMPLETE", "PRUNED", "FAIL")]
@@ -232,8 +232,6 @@ def write_results(study: Any, session: Session, *, storage: str, out: Path,
     best_folder = done["folder"] if done else folder
     _io.atomic_write(out / "best.onnx", lambda p: shutil.copyfile(best_folder / "model.onnx", p))
     _io.atomic_write(out / "best.safetensors", lambda p: shutil.copyfile(best_folder / "model.safetensors", p))
-    from ..pipeline import Recipe
-
     recipe = Recipe.from_data(done["recipe"] if done else best_t.user_attrs["recipe"])
     command = (extra or {}).get("command", "compress")
     _io.write_text(out / "best_recipe.yaml",
@@ -244,7 +242,8 @@ def write_results(study: Any, session: Session, *, storage: str, out: Path,
                    f"{' --weights ' + cfg.weights if cfg.weights else ''} --data {cfg.data} --target {cfg.target}\n"
                    + recipe.to_yaml())
     with _console.status("measuring the best model on the test split"):
-        result = _measure_best(session, out, cfg)
+        result = _measure_test(session, out, onnx="best.onnx", weights="best.safetensors",
+                               batch_sizes=cfg.batch_sizes, layers=True)
     pareto_rows = []
     for t in sorted(pareto_ts, key=lambda t: t.user_attrs["figures"]["latency_ratio"]):
         f_dir, _ = (folder, rebuilt) if t.number == best_t.number else _artifacts(t, session)
@@ -274,56 +273,25 @@ def _confirm_fastest(trials: list[Any], session: Session, *, top: int = 3, round
     """Re-time the fastest feasible trials side by side and keep the truly fastest.
 
     Each trial was timed alone, at its own moment, on a machine that may have been busy; the
-    few leading candidates are timed again interleaved (rounds in rotating order, medians), so
-    machine drift hits them alike. Only candidates whose files are on this machine take part.
+    few leading candidates are timed again interleaved (:func:`slimkit.measure.timing.side_by_side`:
+    rounds in rotating order, medians), so machine drift hits them alike. Only candidates whose
+    files are on this machine take part.
     """
-    import math
-    import statistics
-
-    import numpy as np
-
-    from ..measure.backends import get_backend, time_runs
-
-    cfg = session.cfg
+    cfg = session.record
     feasible = sorted((t for t in trials if _is_feasible(t)), key=lambda t: (_SELECT["latency"](t.user_attrs["figures"]),
                                                                               t.number))
     local = [t for t in feasible[:top] if (Path(t.user_attrs.get("artifacts", "")) / "model.onnx").is_file()]
     if len(local) < 2 or local[0] is not feasible[0]:
         return feasible[0], None
-    backend = get_backend("ort-cpu")
-    runners = {t.number: backend.prepare(None, Path(t.user_attrs["artifacts"]) / "model.onnx", cfg.threads) for t in local}
     base = {str(b): session.baseline["val"]["latency_ms"][str(b)]["median"] for b in cfg.batch_sizes}
-    samples: dict[int, dict[str, list[float]]] = {t.number: {str(b): [] for b in cfg.batch_sizes} for t in local}
-    with _console.status(f"timing the {len(local)} fastest trials side by side"):
-        for r in range(rounds):
-            order = local[r % len(local):] + local[: r % len(local)]
-            for b in cfg.batch_sizes:
-                x = np.ascontiguousarray(session.data.example(int(b)).numpy())
-                for t in order:
-                    stats = time_runs(lambda: runners[t.number](x), max_seconds=cfg.max_seconds)
-                    samples[t.number][str(b)].append(stats["median"])
-    for r in runners.values():
-        r.close()
-    medians = {n: {b: statistics.median(v) for b, v in per.items()} for n, per in samples.items()}
-    ratio = {n: math.exp(sum(math.log(m[b] / base[b]) for b in m) / len(m)) for n, m in medians.items()}
-    winner = min(local, key=lambda t: (ratio[t.number], t.number))
-    return winner, {"trials": [t.number for t in local], "rounds": rounds,
-                    "latency_ms": {str(n): m for n, m in medians.items()},
-                    "latency_ratio": {str(n): v for n, v in ratio.items()}}
-
-
-def _measure_best(session: Session, out: Path, cfg: SearchConfig) -> dict[str, Any]:
-    """The best model measured from the written files (``best.onnx``; ``best.safetensors`` for torch-cpu)."""
-    from ..measure import profile
-    from ..models import load_model
-
-    model = None
-    if cfg.target != "ort-cpu":
-        model = load_model(weights=out / "best.safetensors", input_shape=session.data.input_shape,
-                           num_classes=session.data.num_classes)
-    return profile(model, session.data, target=cfg.target, threads=cfg.threads, batch_sizes=cfg.batch_sizes,
-                   onnx_path=out / "best.onnx" if cfg.target == "ort-cpu" else None, split="test", layers=True,
-                   max_seconds=max(cfg.max_seconds, 1.0))
+    timed = side_by_side({str(t.number): Path(t.user_attrs["artifacts"]) / "model.onnx" for t in local}, session.data,
+                         cfg.batch_sizes, runtime="ort-cpu", threads=cfg.threads, rounds=rounds,
+                         max_seconds=cfg.max_seconds * rounds,
+                         label=f"timing the {len(local)} fastest trials side by side")
+    ms = medians(timed)
+    ratio = {n: math.exp(sum(math.log(m[b] / base[b]) for b in m) / len(m)) for n, m in ms.items()}
+    winner = min(local, key=lambda t: (ratio[str(t.number)], t.number))
+    return winner, {"trials": [t.number for t in local], "rounds": rounds, "latency_ms": ms, "latency_ratio": ratio}
 
 
 def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:

@@ -18,6 +18,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..pipeline import Recipe, Step, StepSpec, get_step, step_names
+from ..training import TrainConfig
 
 __all__ = ["searchable_steps", "draw_recipe", "GridTrial", "GRID_LEVELS", "off_switch", "warm_start"]
 
@@ -204,8 +205,6 @@ def off_switch(spec: StepSpec) -> tuple[str, Any, Any] | None:
 
 def is_training_step(spec: StepSpec) -> bool:
     """A step that only trains (fine-tune, distillation): it leaves no state flag behind."""
-    from ..training import TrainConfig
-
     return isinstance(spec.config, type) and issubclass(spec.config, TrainConfig) and not spec.sets
 
 

@@ -1,11 +1,16 @@
-"""Where a search lives: its Optuna storage, the study, and what the study remembers.
+"""Where a search lives: its Optuna storage, the study, and the study kit every search uses.
 
 The default storage is a SQLite file in the output folder (``DIR/study.db``), so every search
 is resumable: the same command again loads the study and goes on. ``--storage
 postgresql://...`` lets several processes or machines share one study; ``slimkit worker``
 joins it knowing only the storage and the study name, because the study holds the whole
-search configuration (model, weights, data, target, budget...) and the baseline figures in
-its user attributes.
+search configuration (:class:`~slimkit.search.SearchRecord`) and the baseline figures in its
+user attributes.
+
+The kit, shared by ``compress`` and ``nas``: :func:`open_place` (overwrite cleaning, resume
+detection, the output folder, the storage), :func:`open_or_resume` (create the study or check
+its stored settings against the current ones), :func:`ensure_baseline`, :func:`join_study`
+(a worker's side), :func:`make_sampler`, :func:`quiet_optuna`, :func:`optimize`.
 
 Heartbeats mark a trial whose process died (SIGKILL, a lost machine) as failed once it has
 been silent for :data:`GRACE_S` seconds; that trial is then retried once with the same
@@ -18,173 +23,35 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import os
 import re
+import shutil
 import warnings
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config import check
+from .. import _console, _io
+from ..data import DataBundle
 from ..errors import ConfigError, SlimkitError
+from ._options import SAMPLERS, Store
+from ._record import BASELINE_ATTR, DIRECTIONS, FINISHED, METRICS, RESULT_FILES, STUDY_ATTR, SearchRecord
 
-__all__ = ["Budget", "SearchConfig", "OBJECTIVES", "SAMPLERS", "DIRECTIONS", "METRICS", "open_storage",
-           "default_storage", "redact", "file_sha256", "validation_subset"]
+__all__ = ["open_storage", "default_storage", "redact", "file_sha256", "study_names", "validation_subset",
+           "quiet_optuna", "make_sampler", "clean_outputs", "count_finished", "finished_states", "trial_counts",
+           "StudyPlace", "open_place", "open_or_resume", "ensure_baseline", "Joined", "join_study", "optimize",
+           "check_worker_args", "worker_seed", "HEARTBEAT_S", "GRACE_S"]
 
-STUDY_ATTR = "slimkit_search"
-BASELINE_ATTR = "slimkit_baseline"
-FORMAT = 1
-OBJECTIVES = ("latency", "size", "accuracy")
-SAMPLERS = ("tpe", "nsga2", "gp", "random", "grid")
-# The study's objectives (a Pareto front): latency relative to the baseline (geometric mean
-# over the batch sizes), artifact size, validation accuracy.
-METRICS = ("latency_ratio", "size_kb", "val_accuracy")
-DIRECTIONS = ("minimize", "minimize", "maximize")
 HEARTBEAT_S = 5
 GRACE_S = 20
-FINISHED = ("COMPLETE", "PRUNED", "FAIL")
+# what each kind of search is called in messages
+_WHAT = {"compress": "search", "nas": "architecture search"}
+_HOLDS = {"compress": "a slimkit compress search", "nas": "an architecture search (slimkit nas)"}
+_NOT = {"compress": "a compress search", "nas": "an architecture search"}
 
 
-@dataclass
-class Budget:
-    """What the compressed model may cost; every limit is a hard constraint.
-
-    ``max_latency_ms``: a limit for the smallest batch size, or ``{batch: ms}`` per batch
-    size; ``min_throughput``: examples per second at the largest batch size;
-    ``max_size_kb``: size of the exported artifact; ``max_accuracy_drop``: validation
-    accuracy the model may lose, as a fraction (0.01 = 1 point); ``None`` leaves it free.
-    """
-
-    max_latency_ms: dict[int, float] | None = None
-    min_throughput: float | None = None
-    max_size_kb: float | None = None
-    max_accuracy_drop: float | None = 0.01
-
-    def __post_init__(self) -> None:
-        if isinstance(self.max_latency_ms, (int, float)):
-            raise ConfigError("give a mapping {batch size: ms}; Budget.of() takes a single number",
-                              field="max_latency_ms")
-        if self.max_latency_ms is not None:
-            self.max_latency_ms = {int(b): float(ms) for b, ms in self.max_latency_ms.items()}
-            for b, ms in self.max_latency_ms.items():
-                check(b >= 1 and ms > 0, "max_latency_ms", f"batch sizes and limits must be positive, got {b}: {ms}")
-        check(self.min_throughput is None or self.min_throughput > 0, "min_throughput",
-              f"must be > 0 examples/s, got {self.min_throughput}")
-        check(self.max_size_kb is None or self.max_size_kb > 0, "max_size_kb", f"must be > 0, got {self.max_size_kb}")
-        check(self.max_accuracy_drop is None or 0 <= self.max_accuracy_drop <= 1, "max_accuracy_drop",
-              f"must be a fraction in [0, 1] (0.01 = 1 point), got {self.max_accuracy_drop}")
-
-    @classmethod
-    def of(cls, batch_sizes: tuple[int, ...], *, max_latency_ms: float | dict[int, float] | str | None = None,
-           min_throughput: float | None = None, max_size_kb: float | None = None,
-           max_accuracy_drop: float | None = 0.01) -> "Budget":
-        """Build a budget for these batch sizes; a single latency limit applies to the smallest one."""
-        lat = parse_latency(max_latency_ms, batch_sizes)
-        budget = cls(lat, min_throughput, max_size_kb, max_accuracy_drop)
-        for b in budget.max_latency_ms or {}:
-            if b not in batch_sizes:
-                raise ConfigError(f"limits batch size {b}, which is not measured; measured batch sizes: "
-                                  f"{', '.join(map(str, batch_sizes))} (--batch).", where="--max-latency-ms")
-        return budget
-
-    def to_data(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        if d["max_latency_ms"] is not None:
-            d["max_latency_ms"] = {str(b): v for b, v in d["max_latency_ms"].items()}
-        return d
-
-    @classmethod
-    def from_data(cls, d: dict[str, Any]) -> "Budget":
-        d = dict(d)
-        if d.get("max_latency_ms") is not None:
-            d["max_latency_ms"] = {int(b): v for b, v in d["max_latency_ms"].items()}
-        return cls(**d)
-
-    def describe(self, batch_sizes: tuple[int, ...]) -> list[str]:
-        out = []
-        for b, ms in sorted((self.max_latency_ms or {}).items()):
-            out.append(f"latency at batch {b} <= {ms:g} ms")
-        if self.min_throughput is not None:
-            out.append(f"throughput at batch {max(batch_sizes)} >= {self.min_throughput:g} examples/s")
-        if self.max_size_kb is not None:
-            out.append(f"artifact size <= {self.max_size_kb:g} KB")
-        if self.max_accuracy_drop is not None:
-            out.append(f"validation accuracy drop <= {self.max_accuracy_drop * 100:g} pts")
-        return out
-
-
-def parse_latency(value: float | dict[int, float] | str | None, batch_sizes: tuple[int, ...]) -> dict[int, float] | None:
-    """``0.5`` (smallest batch size), ``{1: 0.5, 64: 8}`` or the CLI's ``"1:0.5,64:8"``."""
-    if value is None or value == "":
-        return None
-    if isinstance(value, dict):
-        return {int(b): float(v) for b, v in value.items()}
-    if isinstance(value, (int, float)):
-        return {min(batch_sizes): float(value)}
-    text = str(value).strip()
-    try:
-        if ":" not in text:
-            return {min(batch_sizes): float(text)}
-        out = {}
-        for part in text.split(","):
-            b, ms = part.split(":")
-            out[int(b)] = float(ms)
-        return out
-    except ValueError:
-        raise ConfigError(f"expected milliseconds like 0.5 (for the smallest batch size) or per batch size like "
-                          f"1:0.5,64:8; got '{text}'.", where="--max-latency-ms") from None
-
-
-@dataclass
-class SearchConfig:
-    """Everything a process needs to run trials of a study; stored in the study."""
-
-    model: str | None
-    weights: str | None
-    weights_sha256: str | None
-    data: str
-    target: str
-    batch_sizes: list[int]
-    threads: int
-    budget: dict[str, Any]
-    seed: int = 0
-    trust_pickle: bool = False
-    objective: str = "latency"
-    max_seconds: float = 1.0
-    finetune_batches: int | None = None
-    val_size: int | None = None
-    methods: list[str] | None = None
-    out: str | None = None
-    format: int = FORMAT
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    # What makes two searches the same search: every trial's figures depend on these.
-    IDENTITY = ("model", "weights_sha256", "data", "seed", "target", "batch_sizes", "threads", "budget", "val_size")
-
-    def to_data(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_data(cls, d: dict[str, Any]) -> "SearchConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
-
-    def differences(self, other: "SearchConfig") -> list[str]:
-        """What differs from the stored ``other``, e.g. ``max_accuracy_drop: 0.01 (stored) vs 0.02 (now)``."""
-        out = []
-        for k in self.IDENTITY:
-            mine, theirs = getattr(self, k), getattr(other, k)
-            if mine == theirs:
-                continue
-            if isinstance(mine, dict) and isinstance(theirs, dict):
-                out += [f"{sub}: {theirs.get(sub)!r} (stored) vs {mine.get(sub)!r} (now)"
-                        for sub in sorted(set(mine) | set(theirs)) if mine.get(sub) != theirs.get(sub)]
-            else:
-                out.append(f"{k}: {theirs!r} (stored) vs {mine!r} (now)")
-        return out
-
-    @property
-    def budget_obj(self) -> Budget:
-        return Budget.from_data(self.budget)
+# ----------------------------------------------------------------------------- storage
 
 
 def file_sha256(path: str | Path | None) -> str | None:
@@ -243,7 +110,7 @@ def study_names(storage: Any) -> list[str]:
     return []
 
 
-def validation_subset(data: Any, size: int | None, seed: int) -> Any:
+def validation_subset(data: DataBundle, size: int | None, seed: int) -> DataBundle:
     """``data`` with at most ``size`` validation examples (a fixed random subset, by ``seed``).
 
     Trials are judged on the validation split after every fine-tune epoch; on a large split a
@@ -256,3 +123,239 @@ def validation_subset(data: Any, size: int | None, seed: int) -> Any:
 
     idx = torch.randperm(len(data.x_val), generator=torch.Generator().manual_seed(seed + 104729))[:size]
     return dataclasses.replace(data, x_val=data.x_val[idx], y_val=data.y_val[idx])
+
+
+# ----------------------------------------------------------------------------- Optuna
+
+
+def quiet_optuna() -> None:
+    """Optuna's own logging off: slimkit prints one line per trial itself."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+
+def make_sampler(sampler: str | Any, *, seed: int | None, trials: int) -> Any:
+    """The Optuna sampler for a name (``--sampler``); an Optuna sampler object is used as is.
+
+    Constraints come from ``trial.set_constraint``.
+
+    >>> type(make_sampler("random", seed=0, trials=10)).__name__
+    'RandomSampler'
+    """
+    import optuna
+
+    if not isinstance(sampler, str):
+        return sampler
+    startup = max(4, min(10, trials // 4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # experimental-feature warnings of multivariate TPE, GP
+        if sampler == "tpe":
+            return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, multivariate=True, group=True,
+                                              constant_liar=True, warn_independent_sampling=False)
+        if sampler == "nsga2":
+            return optuna.samplers.NSGAIISampler(seed=seed, population_size=max(4, min(50, trials // 4)))
+        if sampler == "gp":
+            return optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup, warn_independent_sampling=False)
+        if sampler == "random":
+            return optuna.samplers.RandomSampler(seed=seed)
+        if sampler == "grid":
+            return optuna.samplers.BruteForceSampler(seed=seed)
+    raise ConfigError(f"unknown sampler '{sampler}'; choose one of {', '.join(SAMPLERS)}.", field="sampler")
+
+
+def count_finished(study: Any) -> int:
+    return sum(t.state.name in FINISHED for t in study.get_trials(deepcopy=False))
+
+
+def finished_states() -> tuple[Any, ...]:
+    from optuna.trial import TrialState
+
+    return tuple(getattr(TrialState, s) for s in FINISHED)
+
+
+def trial_counts(study: Any) -> dict[str, int]:
+    """``{"complete": n, "pruned": n, "fail": n}`` of the study's trials."""
+    trials = study.get_trials(deepcopy=False)
+    return {s.lower(): sum(t.state.name == s for t in trials) for s in FINISHED}
+
+
+def optimize(study: Any, objective: Callable[[Any], Any], *, n_trials: int | None, timeout: float | None,
+             callbacks: Sequence[Any] = ()) -> None:
+    """``study.optimize`` as every search runs it: a failing trial does not stop the search."""
+    study.optimize(objective, n_trials=n_trials, timeout=timeout, catch=(Exception,), gc_after_trial=True,
+                   callbacks=list(callbacks))
+
+
+# ----------------------------------------------------------------------------- open or resume
+
+
+def clean_outputs(out: Path, storage_given: bool, extra: Iterable[str] = ()) -> None:
+    """``--overwrite``: remove a previous search's files and folders (never anything else)."""
+    for name in (*RESULT_FILES, *extra):
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    shutil.rmtree(out / "trials", ignore_errors=True)
+    if not storage_given:
+        for suffix in ("", "-journal", "-wal", "-shm"):
+            (out / f"study.db{suffix}").unlink(missing_ok=True)
+
+
+@dataclass
+class StudyPlace:
+    """Where a study lives, opened: its folder, storage URL and object, its name, and whether
+    the storage already holds it (a resumed search)."""
+
+    out: Path
+    url: str
+    name: str
+    storage: Any
+    resuming: bool
+    shared: bool
+
+    def existing(self) -> Any | None:
+        """The study as stored, or ``None`` when the storage does not hold it yet."""
+        import optuna
+
+        if self.name not in study_names(self.storage):
+            return None
+        return optuna.load_study(study_name=self.name, storage=self.storage)
+
+
+def open_place(store: Store, *, inputs: Iterable[str | Path | None] = (), extra: Iterable[str] = ()) -> StudyPlace:
+    """Open a search's place: with ``store.overwrite`` remove the previous search (its files,
+    ``extra`` ones too, and its study), prepare the output folder for a new search (refusing one
+    that holds another run), open the storage."""
+    import optuna
+
+    quiet_optuna()
+    out = store.out_path
+    url = store.storage or default_storage(out)
+    name = store.study_name
+    if store.overwrite:
+        clean_outputs(out, store.storage is not None, extra)
+    if out.exists() and not out.is_dir():
+        raise SlimkitError(f"--out {out} exists and is a file, not a folder; choose a folder path.")
+    if store.storage is None:
+        resuming = (out / "study.db").exists()
+        if not resuming:
+            _io.prepare_out_dir(out, overwrite=store.overwrite, inputs=inputs)
+        storage = open_storage(url)
+    else:
+        storage = open_storage(url)
+        resuming = name in study_names(storage)
+        if resuming and store.overwrite:
+            optuna.delete_study(study_name=name, storage=storage)
+            resuming = False
+        if not resuming:
+            _io.prepare_out_dir(out, overwrite=store.overwrite, inputs=inputs)
+    return StudyPlace(out, url, name, storage, resuming, store.storage is not None)
+
+
+def open_or_resume(place: StudyPlace, record: SearchRecord, *,
+                   on_create: Callable[[Any], None] | None = None) -> Any:
+    """The study at ``place``: created with ``record`` (then ``on_create(study)``), or loaded and
+    its stored settings checked against ``record`` (another kind of search, or other settings
+    that the trials' figures depend on, are refused). The stored record is updated: the
+    objective, the sampler... may change between runs."""
+    import optuna
+
+    st = optuna.create_study(study_name=place.name, storage=place.storage, directions=list(DIRECTIONS),
+                             load_if_exists=True)
+    stored = st.user_attrs.get(STUDY_ATTR)
+    what = _WHAT.get(record.kind, "search")
+    if stored is None:
+        if st.get_trials(deepcopy=False):
+            raise SlimkitError(f"study '{place.name}' in {redact(place.url)} was not made by slimkit {record.kind}; "
+                               "choose another --study name.")
+        st.set_metric_names(list(METRICS))
+        st.set_user_attr(STUDY_ATTR, record.to_data())
+        if on_create is not None:
+            on_create(st)
+        return st
+    old = SearchRecord.from_data(stored)
+    if old.kind != record.kind:
+        raise SlimkitError(f"{place.out} holds {_HOLDS.get(old.kind, old.kind)}, study '{place.name}', not "
+                           f"{_NOT.get(record.kind, record.kind)}; choose another --out (or --study), or pass "
+                           "--overwrite to replace it.")
+    diffs = record.differences(old)
+    if diffs:
+        raise SlimkitError(
+            f"{place.out} already holds {what} '{place.name}' with other settings ({'; '.join(diffs)}). Its trials "
+            "were measured under those settings: run the same command to resume it, pass --overwrite to start a new "
+            "search there, or choose another --out (or --study).")
+    st.set_user_attr(STUDY_ATTR, record.to_data())
+    return st
+
+
+def ensure_baseline(study: Any, measure: Callable[[], dict[str, Any]], *, status: str) -> dict[str, Any]:
+    """The study's baseline figures: stored ones, or ``measure()`` once (showing ``status``) and stored."""
+    baseline = study.user_attrs.get(BASELINE_ATTR)
+    if baseline is None:
+        with _console.status(status):
+            baseline = measure()
+        study.set_user_attr(BASELINE_ATTR, baseline)
+    return baseline
+
+
+# ----------------------------------------------------------------------------- a worker's side
+
+
+@dataclass
+class Joined:
+    """A study a worker joined: the study, its record and baseline, the storage URL."""
+
+    study: Any
+    record: SearchRecord
+    baseline: dict[str, Any]
+    url: str
+
+
+def check_worker_args(trials: int, total: int | None, timeout: float | None) -> None:
+    if trials < 1:
+        raise ConfigError(f"must be >= 1, got {trials}.", where="--trials")
+    if total is not None and total < 1:
+        raise ConfigError(f"must be >= 1, got {total}.", where="--total")
+    if timeout is not None and timeout <= 0:
+        raise ConfigError(f"must be > 0 seconds, got {timeout}.", where="--timeout")
+
+
+def join_study(storage: str, study: str, *, weights: str | Path | None = None) -> Joined:
+    """Load a study a search started, with its record and baseline; ``weights``: this machine's
+    copy of the input weights (its hash must match the stored one)."""
+    import optuna
+
+    quiet_optuna()
+    store = open_storage(storage)
+    names = study_names(store)
+    if study not in names:
+        known = f" It holds: {', '.join(names)}." if names else " It holds no study."
+        raise SlimkitError(f"no study '{study}' in {redact(storage)}.{known} Start one with slimkit compress ... "
+                           f"--storage URL --study {study} (--trials 0 only sets it up).")
+    st = optuna.load_study(study_name=study, storage=store)
+    stored = st.user_attrs.get(STUDY_ATTR)
+    if stored is None:
+        raise SlimkitError(f"study '{study}' in {redact(storage)} was not made by slimkit compress.")
+    record = SearchRecord.from_data(stored)
+    baseline = st.user_attrs.get(BASELINE_ATTR)
+    if baseline is None:
+        raise SlimkitError(f"study '{study}' has no baseline yet: its slimkit {record.kind} is still measuring it; "
+                           "start the worker again in a moment.")
+    if weights is not None:
+        if file_sha256(weights) != record.weights_sha256:
+            raise SlimkitError(f"--weights {weights} is not the file this study started from "
+                               f"({record.weights}; its SHA-256 differs).")
+        record.weights = str(Path(weights).resolve())
+    elif record.weights and not Path(record.weights).is_file():
+        raise SlimkitError(f"the study's weights {record.weights} are not on this machine; copy them here and pass "
+                           "--weights PATH.")
+    return Joined(st, record, baseline, storage)
+
+
+def worker_seed(record: SearchRecord) -> int:
+    """A worker's sampler seed: the study's, moved by this process's id (workers draw apart)."""
+    return record.seed + 1 + os.getpid()
