@@ -3,6 +3,7 @@
 Top level API (imported lazily, so ``import slimkit`` stays fast)::
 
     slimkit.train, slimkit.profile, slimkit.apply, slimkit.demo      # the CLI's verbs
+    slimkit.compress, slimkit.worker, slimkit.api.nas                 # the searches
     slimkit.load_model, slimkit.save_model, slimkit.load_data         # inputs
     slimkit.fit, slimkit.TrainConfig                                  # the fine-tune loop
     slimkit.export_onnx, slimkit.Recipe, slimkit.register_step        # export, recipes
@@ -60,11 +61,15 @@ _LAZY = {
     "deep_compress": "slimkit.methods.coding",
     "DeepCompression": "slimkit.methods.coding",
     "load_packed": "slimkit.export.packed",
-    # the search (issue 6)
-    "compress": "slimkit.search",
-    "worker": "slimkit.search",
+    # the search (issue 6) and its option objects
+    "compress": "slimkit.api",
+    "worker": "slimkit.api",
     "CompressResult": "slimkit.search",
     "Budget": "slimkit.search",
+    "Search": "slimkit.search",
+    "Store": "slimkit.search",
+    "CompressSpace": "slimkit.search",
+    "WorkerOptions": "slimkit.search",
     # distillation, low-rank decomposition, efficient architecture (issue 5)
     "distill": "slimkit.methods.distill",
     "Distillation": "slimkit.methods.distill",
@@ -74,7 +79,8 @@ _LAZY = {
     "LowRank": "slimkit.methods.decompose",
     "separable_": "slimkit.methods.architecture",
     "Separable": "slimkit.methods.architecture",
-    # hardware-aware architecture search (issue 7); the search itself: from slimkit.nas import nas
+    # hardware-aware architecture search (issue 7); the verb itself: slimkit.api.nas (slimkit.nas is the package)
+    "NasSpace": "slimkit.nas",
     "build_latency_table": "slimkit.nas",
     "LatencyTable": "slimkit.nas",
     "NasResult": "slimkit.nas",

@@ -37,7 +37,7 @@ import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -66,6 +66,31 @@ LINEAR_METHODS = ("svd", "none")
 _AUTO = "auto"  # the rank of a layer without one of its own in ``ranks``: from ``ratio`` or ``energy``
 HAS_NO = "the model has no layer '{key}'; its {what} are: {names}"
 
+Rank = int | list[int]  # one rank (SVD, CP) or [r_out, r_in] (Tucker-2)
+Layer = nn.Linear | nn.Conv2d  # a decomposable layer
+_Pair = tuple[int, int]
+
+
+def _one_rank(rank: Rank | None) -> int:
+    """The single rank of an SVD or CP factorization."""
+    if rank is None or isinstance(rank, list):
+        raise TypeError(f"expected one integer rank, got {rank!r}")
+    return int(rank)
+
+
+def _two_ranks(rank: Rank | None) -> tuple[int, int]:
+    """The ``(r_out, r_in)`` ranks of a Tucker-2 factorization."""
+    if rank is None or isinstance(rank, int):
+        raise TypeError(f"expected [r_out, r_in], got {rank!r}")
+    r_out, r_in = rank
+    return int(r_out), int(r_in)
+
+
+def conv_geometry(conv: nn.Conv2d) -> tuple[_Pair, _Pair, str | _Pair, _Pair]:
+    """``conv``'s kernel size, stride, padding and dilation, typed as ``nn.Conv2d`` takes them
+    (torch types the attributes as ``tuple[int, ...]``; a ``Conv2d``'s are pairs)."""
+    return cast("tuple[_Pair, _Pair, str | _Pair, _Pair]", (conv.kernel_size, conv.stride, conv.padding, conv.dilation))
+
 
 @dataclass
 class LowRank:
@@ -85,7 +110,7 @@ class LowRank:
     linear: str = "svd"
     energy: float = 0.9
     ratio: float | None = None
-    ranks: dict[str, int | list[int] | None] = field(default_factory=dict)
+    ranks: dict[str, Rank | None] = field(default_factory=dict)
     skip: list[str] = field(default_factory=list)
     only_if_smaller: bool = True
     iterations: int = 20
@@ -124,8 +149,9 @@ class LowRankConv2d(Factorized):
     """A 1x1 convolution of rank ``r`` as two 1x1 convolutions (the first keeps stride and padding)."""
 
     def __init__(self, conv: nn.Conv2d, rank: int):
+        _, stride, padding, _ = conv_geometry(conv)
         super().__init__(
-            nn.Conv2d(conv.in_channels, rank, 1, conv.stride, conv.padding, bias=False),
+            nn.Conv2d(conv.in_channels, rank, 1, stride, padding, bias=False),
             nn.Conv2d(rank, conv.out_channels, 1, bias=conv.bias is not None),
         )
 
@@ -136,7 +162,7 @@ class Tucker2Conv2d(Factorized):
     def __init__(self, conv: nn.Conv2d, r_out: int, r_in: int):
         super().__init__(
             nn.Conv2d(conv.in_channels, r_in, 1, bias=False),
-            nn.Conv2d(r_in, r_out, conv.kernel_size, conv.stride, conv.padding, conv.dilation, bias=False),
+            nn.Conv2d(r_in, r_out, *conv_geometry(conv), bias=False),
             nn.Conv2d(r_out, conv.out_channels, 1, bias=conv.bias is not None),
         )
 
@@ -147,22 +173,22 @@ class CPConv2d(Factorized):
     def __init__(self, conv: nn.Conv2d, rank: int):
         super().__init__(
             nn.Conv2d(conv.in_channels, rank, 1, bias=False),
-            nn.Conv2d(rank, rank, conv.kernel_size, conv.stride, conv.padding, conv.dilation, groups=rank, bias=False),
+            nn.Conv2d(rank, rank, *conv_geometry(conv), groups=rank, bias=False),
             nn.Conv2d(rank, conv.out_channels, 1, bias=conv.bias is not None),
         )
 
 
-def _build(kind: str, layer: nn.Module, rank: int | list[int]) -> Factorized:
+def _build(kind: str, layer: nn.Module, rank: Rank) -> Factorized:
     """The empty replacement module for ``layer`` (shapes only; weights are set or loaded later)."""
     if kind == "svd" and isinstance(layer, nn.Linear):
-        return LowRankLinear(layer.in_features, layer.out_features, int(rank), layer.bias is not None)
+        return LowRankLinear(layer.in_features, layer.out_features, _one_rank(rank), layer.bias is not None)
+    conv = cast(nn.Conv2d, layer)  # every other decomposition is of a convolution
     if kind == "svd":
-        return LowRankConv2d(layer, int(rank))
+        return LowRankConv2d(conv, _one_rank(rank))
     if kind == "tucker2":
-        r_out, r_in = rank
-        return Tucker2Conv2d(layer, int(r_out), int(r_in))
+        return Tucker2Conv2d(conv, *_two_ranks(rank))
     if kind == "cp":
-        return CPConv2d(layer, int(rank))
+        return CPConv2d(conv, _one_rank(rank))
     raise ValueError(f"unknown decomposition '{kind}'")
 
 
@@ -180,7 +206,7 @@ class _Site:
     """A candidate layer and the shapes it saw on one example (batch dimension dropped)."""
 
     name: str
-    module: nn.Module
+    module: Layer
     in_shape: tuple[int, ...]
     out_shape: tuple[int, ...]
 
@@ -203,7 +229,8 @@ def _trace_shapes(model: nn.Module, example: torch.Tensor, names: list[str]) -> 
         model.train(was_training)
         for h in handles:
             h.remove()
-    return {n: _Site(n, modules[n], *calls[0]) for n, calls in seen.items() if len(calls) == 1}
+    # the names are of decomposable layers (linear or Conv2d)
+    return {n: _Site(n, cast(Layer, modules[n]), *calls[0]) for n, calls in seen.items() if len(calls) == 1}
 
 
 def _positions(shape: tuple[int, ...]) -> int:
@@ -211,7 +238,7 @@ def _positions(shape: tuple[int, ...]) -> int:
     return math.prod(shape[1:]) if len(shape) == 3 else math.prod(shape[:-1])
 
 
-def _cost(kind: str, site: _Site, rank: int | list[int] | None) -> tuple[int, int]:
+def _cost(kind: str, site: _Site, rank: Rank | None) -> tuple[int, int]:
     """(parameters, MACs per example) of the layer at ``site`` as it is (``kind='dense'``) or decomposed."""
     m = site.module
     bias = m.bias.numel() if m.bias is not None else 0
@@ -219,7 +246,7 @@ def _cost(kind: str, site: _Site, rank: int | list[int] | None) -> tuple[int, in
         rows = _positions(site.in_shape)
         if kind == "dense":
             return m.in_features * m.out_features + bias, rows * m.in_features * m.out_features
-        w = int(rank) * (m.in_features + m.out_features)
+        w = _one_rank(rank) * (m.in_features + m.out_features)
         return w + bias, rows * w
     c_out, c_in_g, kh, kw = m.weight.shape
     c_in = m.in_channels
@@ -228,14 +255,14 @@ def _cost(kind: str, site: _Site, rank: int | list[int] | None) -> tuple[int, in
         w = c_out * c_in_g * kh * kw
         return w + bias, hw_out * w
     if kind == "svd":  # both 1x1 convs run at the output resolution
-        r = int(rank)
+        r = _one_rank(rank)
         return r * (c_in + c_out) + bias, hw_out * r * (c_in + c_out)
     if kind == "tucker2":
-        r_out, r_in = (int(r) for r in rank)
+        r_out, r_in = _two_ranks(rank)
         core = r_out * r_in * kh * kw
         return (c_in * r_in + core + r_out * c_out + bias,
                 hw_in * c_in * r_in + hw_out * (core + r_out * c_out))
-    r = int(rank)  # cp
+    r = _one_rank(rank)  # cp
     return (r * (c_in + kh * kw + c_out) + bias,
             hw_in * c_in * r + hw_out * r * (kh * kw + c_out))
 
@@ -304,7 +331,7 @@ def _cp(w: torch.Tensor, rank: int, iterations: int):
 # ----------------------------------------------------------------------------- rank choice
 
 
-def _full_rank(kind: str, m: nn.Module) -> int | list[int]:
+def _full_rank(kind: str, m: Layer) -> Rank:
     if isinstance(m, nn.Linear):
         return min(m.in_features, m.out_features)
     if kind == "svd":
@@ -316,20 +343,21 @@ def _full_rank(kind: str, m: nn.Module) -> int | list[int]:
     return min(a * b, a * c, b * c)  # no CP rank above this is ever needed
 
 
-def _check_explicit(name: str, kind: str, m: nn.Module, rank: int | list[int]) -> int | list[int]:
+def _check_explicit(name: str, kind: str, m: Layer, rank: Rank) -> Rank:
     full = _full_rank(kind, m)
     if kind == "tucker2":
         r_out, r_in = (rank, rank) if isinstance(rank, int) else rank
-        if r_out > full[0] or r_in > full[1]:
+        full_out, full_in = _two_ranks(full)
+        if r_out > full_out or r_in > full_in:
             raise ConfigError(
                 f"ranks['{name}'] = {rank!r} is larger than the layer allows: Tucker-2 ranks of its "
-                f"{tuple(m.weight.shape)} weight are at most [{full[0]}, {full[1]}] ([C_out, C_in])",
+                f"{tuple(m.weight.shape)} weight are at most [{full_out}, {full_in}] ([C_out, C_in])",
                 field="ranks")
         return [int(r_out), int(r_in)]
     if not isinstance(rank, int):
         raise ConfigError(f"ranks['{name}'] = {rank!r}: {kind.upper()} takes one integer rank ([r_out, r_in] is "
                           "for Tucker-2 convolutions)", field="ranks")
-    if rank > full:
+    if rank > _one_rank(full):
         what = "min(out, in)" if kind == "svd" else "min of the products of its mode sizes"
         raise ConfigError(
             f"ranks['{name}'] = {rank} is larger than the matrix: the {tuple(m.weight.shape)} weight has rank at "
@@ -373,7 +401,8 @@ def _largest_smaller_rank(kind: str, site: _Site, full: int) -> int:
 
 def decomposable_layers(model: nn.Module) -> list[str]:
     """Names of the linear and ``Conv2d`` layers outside already factorized blocks."""
-    out, inside = [], []
+    out: list[str] = []
+    inside: list[str] = []
     for name, m in model.named_modules():
         if any(name.startswith(p + ".") for p in inside):
             continue
@@ -453,46 +482,47 @@ def decompose_(
         if name in modules and name not in candidates:
             raise ConfigError(f"ranks['{name}']: '{name}' is a {type(modules[name]).__name__}, "
                               f"not a linear or Conv2d layer that can be decomposed", field="ranks")
-    explicit: dict[str, int | list[int]] = {}
+    explicit: dict[str, Rank] = {}
     for name, rank in selection.explicit(candidates).items():  # checked before any layer changes
         kind, why = _kind_of(candidates[name], cfg)
         if rank is None:
             continue
         if kind is None:
             raise ConfigError(f"ranks['{name}']: this layer cannot be decomposed ({why})", field="ranks")
-        explicit[name] = _check_explicit(name, kind, candidates[name], rank)
+        explicit[name] = _check_explicit(name, kind, cast(Layer, candidates[name]), rank)  # it has a kind
     todo = list(selection.resolve(candidates)[0])
     return replace_layers_(model, x, todo, lambda name, module, site: _decompose_layer(
         model, name, module, site, cfg, explicit.get(name)), label="decompose", noun="layers")
 
 
 def _decompose_layer(model: nn.Module, name: str, m: nn.Module, site: _Site | None, cfg: LowRank,
-                     rank: int | list[int] | None) -> dict[str, Any]:
+                     rank: Rank | None) -> dict[str, Any]:
     kind, why = _kind_of(m, cfg)
     row: dict[str, Any] = {"name": name, "kind": kind, "replaced": False}
     if kind is None:
         return {**row, "reason": why}
+    layer = cast(Layer, m)  # _kind_of gives a kind to linear and Conv2d layers only
     if site is None:
         return {**row, "reason": "not called exactly once by the model's forward"}
     params, macs = _cost("dense", site, None)
     row.update(params_before=params, macs_before=macs)
-    w = m.weight.detach()
+    w = layer.weight.detach()
     if rank is None:
-        rank = _auto_rank(kind, m, w, site, cfg)
+        rank = _auto_rank(kind, layer, w, site, cfg)
         if rank is None:
             return {**row, "reason": f"energy {cfg.energy} needs a CP rank at which the layer is no smaller"}
     p_after, m_after = _cost(kind, site, rank)
     if cfg.only_if_smaller and not (p_after < params and m_after < macs):
         return {**row, "rank": rank, "params_after": p_after, "macs_after": m_after,
                 "reason": f"rank {rank} would not reduce both parameters and MACs"}
-    new, err = _factorize(kind, m, w, rank, cfg)
+    new, err = _factorize(kind, layer, w, rank, cfg)
     set_module(model, name, new)
     record_structure(model, {"op": "lowrank", "layer": name, "kind": kind, "rank": rank})
     return {**row, "replaced": True, "rank": rank, "rel_error": round(err, 6), "params_after": p_after,
             "macs_after": m_after}
 
 
-def _auto_rank(kind: str, m: nn.Module, w: torch.Tensor, site: _Site, cfg: LowRank) -> int | list[int] | None:
+def _auto_rank(kind: str, m: Layer, w: torch.Tensor, site: _Site, cfg: LowRank) -> Rank | None:
     """The rank from ``ratio`` (when set) or ``energy``; None when CP cannot reach the energy while smaller."""
     if kind == "tucker2":
         c_out, c_in = w.shape[:2]
@@ -503,12 +533,13 @@ def _auto_rank(kind: str, m: nn.Module, w: torch.Tensor, site: _Site, cfg: LowRa
         return [_energy_rank(s_out, cfg.energy), _energy_rank(s_in, cfg.energy)]
     if kind == "svd":
         if cfg.ratio is not None:
-            return max(1, round(cfg.ratio * _full_rank(kind, m)))
+            return max(1, round(cfg.ratio * _one_rank(_full_rank(kind, m))))
         return _energy_rank(torch.linalg.svdvals(w.double().reshape(w.shape[0], -1)), cfg.energy)
     # cp
+    conv = cast(nn.Conv2d, m)  # CP is of convolutions only
     if cfg.ratio is not None:
-        return max(1, round(cfg.ratio * min(m.out_channels, m.in_channels)))
-    full = _full_rank(kind, m)
+        return max(1, round(cfg.ratio * min(conv.out_channels, conv.in_channels)))
+    full = _one_rank(_full_rank(kind, conv))
     r_max = _largest_smaller_rank(kind, site, full) if cfg.only_if_smaller else full
     return _cp_energy_rank(w, cfg.energy, r_max, cfg.iterations) if r_max else None
 
@@ -533,22 +564,22 @@ def _cp_energy_rank(w: torch.Tensor, energy: float, r_max: int, iterations: int)
     return r
 
 
-def _factorize(kind: str, m: nn.Module, w: torch.Tensor, rank: int | list[int], cfg: LowRank) -> tuple[Factorized, float]:
+def _factorize(kind: str, m: Layer, w: torch.Tensor, rank: Rank, cfg: LowRank) -> tuple[Factorized, float]:
     """The replacement for ``m`` with weights that approximate ``w``, and its relative error."""
     new = _build(kind, m, rank).to(w.device)
     dtype = w.dtype
     with torch.no_grad():
         if kind == "svd":
-            a, b, err = _svd(w.reshape(w.shape[0], -1), int(rank))  # (out, in) for 1x1 convs too
+            a, b, err = _svd(w.reshape(w.shape[0], -1), _one_rank(rank))  # (out, in) for 1x1 convs too
             new[0].weight.copy_(a.reshape(new[0].weight.shape).to(dtype))
             new[1].weight.copy_(b.reshape(new[1].weight.shape).to(dtype))
         elif kind == "tucker2":
-            core, u_out, u_in, err = _tucker2(w, *rank, cfg.iterations)
+            core, u_out, u_in, err = _tucker2(w, *_two_ranks(rank), cfg.iterations)
             new[0].weight.copy_(u_in.t()[:, :, None, None].to(dtype))  # (r_in, C_in, 1, 1)
             new[1].weight.copy_(core.to(dtype))  # (r_out, r_in, kh, kw)
             new[2].weight.copy_(u_out[:, :, None, None].to(dtype))  # (C_out, r_out, 1, 1)
         else:
-            a, b, k, err = _cp(w, int(rank), cfg.iterations)
+            a, b, k, err = _cp(w, _one_rank(rank), cfg.iterations)
             kh, kw = w.shape[2:]
             new[0].weight.copy_(b.t()[:, :, None, None].to(dtype))  # (R, C_in, 1, 1)
             new[1].weight.copy_(k.t().reshape(-1, 1, kh, kw).to(dtype))  # (R, 1, kh, kw)

@@ -143,8 +143,8 @@ def onnx_chain(model: Any, names: Sequence[str], in_shape: Sequence[int], out_sh
             m.output.extend(rename.get(t, t) if t else t for t in n.output)
             new_nodes.append(m)
         current = rename[dst]
-    dims_in = ["batch", *map(int, in_shape)]
-    dims_out = ["batch", *map(int, out_shape)]
+    dims_in: list[str | int] = ["batch", *map(int, in_shape)]
+    dims_out: list[str | int] = ["batch", *map(int, out_shape)]
     graph = helper.make_graph(
         new_nodes, "chain",
         [helper.make_tensor_value_info("input", onnx.TensorProto.FLOAT, dims_in)],

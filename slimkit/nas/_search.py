@@ -36,7 +36,7 @@ from ..measure import Target
 from ..models import ModelRef, load_model, resolve_model
 from ..search import (Budget, Joined, NasRecord, SearchRecord, Search, Session, Store, WorkerOptions, ensure_baseline,
                       file_sha256, make_sampler, measure_baseline, model_record, open_or_resume, open_place, optimize,
-                      redact, validation_subset, worker_seed)
+                      redact, validation_subset, worker_sampler, worker_seed)
 from ._hooks import weight_kb
 from ._objective import MAX_REJECTED_IN_A_ROW, NasObjective, StopWhenTrained, rejected_count, trained_count
 from ._options import NasSpace
@@ -65,7 +65,7 @@ def resolve_table(table: LatencyTable | str | Path | None, stored: dict[str, Any
                   fam: Family, space: Space, target: str, batch: int, threads: int, bundle: DataBundle,
                   rounds: int, seed: int) -> LatencyTable:
     """The table a search uses: given, stored in the study (resume, workers), in ``out``, or built now."""
-    need = dict(family=fam.name, space=space, target=target, batch=batch, threads=threads,
+    need: dict[str, Any] = dict(family=fam.name, space=space, target=target, batch=batch, threads=threads,
                 input_shape=bundle.input_shape, num_classes=bundle.num_classes)
     if table is not None:
         t = table if isinstance(table, LatencyTable) else LatencyTable.load(table)
@@ -276,9 +276,8 @@ def nas_worker(joined: Joined, *, trials: int, total: int | None, timeout: float
             _console.info(f"study '{st.study_name}' already holds {done} trained candidates (--total {total})")
             return
     stopper = StopWhenTrained(objective, trials, 0)
-    sampler = options.sampler or record.sampler
+    sampler, name = worker_sampler(record, options.sampler)
     st.sampler = make_sampler(sampler, seed=worker_seed(record), trials=trials + done)
-    name = sampler if isinstance(sampler, str) else type(sampler).__name__
     _console.info(f"worker {os.getpid()}: {trials} candidate(s) of architecture search '{st.study_name}', "
                   f"sampler {name}")
     optimize(st, objective, n_trials=None, timeout=timeout, callbacks=[stopper])

@@ -304,7 +304,8 @@ def _mbv2_spec(arch: Arch) -> str:
 
 
 def _mbv2_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [(f"blocks.{i}", m) for i, m in enumerate(model.blocks)]
+    blocks = model.get_submodule("blocks")
+    return [(f"blocks.{i}", m) for i, m in enumerate(blocks.children())]
 
 
 # The default MobileNetV2 space: stage channels and strides stay the zoo's (MBV2_STAGES); the
@@ -346,7 +347,8 @@ def _resnet_spec(arch: Arch) -> str:
 
 
 def _resnet_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [(f"layer{i + 1}.{j}", b) for i in range(model.num_stages)
+    stages: Any = model.num_stages
+    return [(f"layer{i + 1}.{j}", b) for i in range(int(stages))
             for j, b in enumerate(getattr(model, f"layer{i + 1}"))]
 
 

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import copy
 import datetime as _dt
+import functools
 import itertools
 import json
 import math
@@ -220,7 +221,7 @@ def _reference_archs(space: Space, width: float) -> list[Arch]:
         others = {k: v for k, v in st.items() if k != "blocks"}
         per_stage.append([dict(zip(others, combo)) for combo in _product(list(others.values()))])
     n = max(len(p) for p in per_stage)
-    archs = []
+    archs: list[Arch] = []
     for c in range(n):
         archs.append({"width": float(width), "stages": [
             {**opts[c % len(opts)], "blocks": max(st.get("blocks", (1,)))}
@@ -296,6 +297,7 @@ def build_latency_table(
             import onnx
 
             path = tmp / f"{tag}.onnx"
+            assert onnx_model is not None
             onnx.save(onnx_model, str(path))
             r = backend.prepare(None, path, threads)
         else:
@@ -329,7 +331,7 @@ def build_latency_table(
                     keep.append(full)
                 xin = np.ascontiguousarray(rng.standard_normal((int(batch), *input_shape)).astype(np.float32))
                 name = f"ref{r_i}"
-                runs[name] = (lambda f=full, x=xin: f(x))
+                runs[name] = functools.partial(full, xin)
                 refs.append({"arch": arch, "plan": plan, "session": name})
                 wk = _width_key(arch["width"])
                 stage_rows = stages.setdefault(wk, [[] for _ in sp.stages])
@@ -383,7 +385,7 @@ def build_latency_table(
                 r = backend.prepare(fold_batchnorm(model, example), None, threads)
             keep.append(r)
             xin = np.ascontiguousarray(rng.standard_normal((int(batch), *input_shape)).astype(np.float32))
-            runs[f"val{v_i}"] = (lambda f=r, x=xin: f(x))
+            runs[f"val{v_i}"] = functools.partial(r, xin)
             val_sessions.append((arch, f"val{v_i}"))
         _console.info(f"timing {len(runs)} sessions ({len(firsts)} first blocks, {len(chains)} chains, "
                       f"{len(refs)} whole networks) in {rounds} interleaved rounds")

@@ -30,7 +30,7 @@ from ._space import GridTrial, draw_recipe, searchable_steps
 from ._study import (Joined, StudyPlace, check_worker_args, clean_outputs, count_finished, default_storage,
                      ensure_baseline, file_sha256, finished_states, join_study, make_sampler, open_or_resume,
                      open_place, open_storage, optimize, quiet_optuna, redact, study_names, trial_counts,
-                     validation_subset, worker_seed)
+                     validation_subset, worker_sampler, worker_seed)
 from ._trial import (EarlyStop, Judged, Session, TrialRecorder, apply_trial, constraint_limits, constraint_values,
                      describe_figures, figures_of, measure_baseline, speed_verdicts)
 
@@ -49,5 +49,5 @@ __all__ = [
     "constraint_values", "constraint_limits", "describe_figures", "speed_verdicts",
     # results and workers
     "write_results", "trial_rows", "pick_best", "baseline_test", "Joined", "join_study", "check_worker_args",
-    "worker_seed",
+    "worker_sampler", "worker_seed",
 ]

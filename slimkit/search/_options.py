@@ -90,7 +90,7 @@ class Budget:
         if isinstance(self.max_latency_ms, float):
             raise ConfigError("a latency limit for the smallest batch size needs the batch sizes: "
                               "call budget.resolve(batch_sizes) first", field="max_latency_ms")
-        return dict(self.max_latency_ms or {})
+        return dict(self.max_latency_ms) if isinstance(self.max_latency_ms, dict) else {}
 
     def resolve(self, batch_sizes: Sequence[int]) -> "Budget":
         """This budget for these batch sizes: a single latency limit applies to the smallest one;

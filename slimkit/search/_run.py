@@ -22,7 +22,8 @@ from ._record import RESULT_FILES, SearchRecord
 from ._results import write_results
 from ._space import searchable_steps, warm_start
 from ._study import (Joined, StudyPlace, count_finished, ensure_baseline, file_sha256, finished_states, make_sampler,
-                     open_or_resume, open_place, optimize, redact, validation_subset, worker_seed)
+                     open_or_resume, open_place, optimize, redact, validation_subset, worker_sampler,
+                     worker_seed)
 from ._trial import Session, describe_figures, measure_baseline
 
 __all__ = ["compress", "compress_worker", "CompressResult", "model_record"]
@@ -183,11 +184,10 @@ def compress_worker(joined: Joined, *, trials: int, total: int | None, timeout: 
     import optuna
 
     st, record = joined.study, joined.record
-    sampler = options.sampler or record.sampler
+    sampler, name = worker_sampler(record, options.sampler)
     st.sampler = make_sampler(sampler, seed=worker_seed(record), trials=trials + count_finished(st))
     session = Session(record, joined.baseline, artifacts=Path(out) if out else Path(record.out or "."),
                       verbose=options.verbose)
-    name = sampler if isinstance(sampler, str) else type(sampler).__name__
     _console.info(f"worker {os.getpid()}: {trials} trial(s) of study '{st.study_name}' ({redact(joined.url)}), "
                   f"sampler {name}")
     stop = [optuna.study.MaxTrialsCallback(total, states=finished_states())] if total else []

@@ -83,6 +83,7 @@ def draw_recipe(
     for spec in searchable_steps(target, methods):
         if spec.forbids & state or not spec.requires <= state:
             continue  # cannot follow what was drawn so far: not asked, so no parameter recorded
+        assert spec.space is not None  # searchable_steps keeps only steps with a space
         config = spec.space(trial)
         if config is None:
             continue

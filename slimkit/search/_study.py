@@ -41,7 +41,7 @@ from ._record import BASELINE_ATTR, DIRECTIONS, FINISHED, METRICS, RESULT_FILES,
 __all__ = ["open_storage", "default_storage", "redact", "file_sha256", "study_names", "validation_subset",
            "quiet_optuna", "make_sampler", "clean_outputs", "count_finished", "finished_states", "trial_counts",
            "StudyPlace", "open_place", "open_or_resume", "ensure_baseline", "Joined", "join_study", "optimize",
-           "check_worker_args", "worker_seed", "HEARTBEAT_S", "GRACE_S"]
+           "check_worker_args", "worker_sampler", "worker_seed", "HEARTBEAT_S", "GRACE_S"]
 
 HEARTBEAT_S = 5
 GRACE_S = 20
@@ -264,7 +264,8 @@ def open_or_resume(place: StudyPlace, record: SearchRecord, *,
     objective, the sampler... may change between runs."""
     import optuna
 
-    st = optuna.create_study(study_name=place.name, storage=place.storage, directions=list(DIRECTIONS),
+    directions: list[Any] = list(DIRECTIONS)
+    st = optuna.create_study(study_name=place.name, storage=place.storage, directions=directions,
                              load_if_exists=True)
     stored = st.user_attrs.get(STUDY_ATTR)
     what = _WHAT.get(record.kind, "search")
@@ -354,6 +355,13 @@ def join_study(storage: str, study: str, *, weights: str | Path | None = None) -
         raise SlimkitError(f"the study's weights {record.weights} are not on this machine; copy them here and pass "
                            "--weights PATH.")
     return Joined(st, record, baseline, storage)
+
+
+def worker_sampler(record: SearchRecord, override: Any = None) -> tuple[Any, str]:
+    """A worker's sampler and its name: ``override`` (a name or an Optuna sampler object), else the
+    study's preset (a study started with a sampler object, which no study stores, falls back to ``tpe``)."""
+    sampler = override or (record.sampler if record.sampler in SAMPLERS else "tpe")
+    return sampler, sampler if isinstance(sampler, str) else type(sampler).__name__
 
 
 def worker_seed(record: SearchRecord) -> int:
