@@ -31,7 +31,6 @@ OWN_MEANING = {
     ("commands/nas.py", "--overwrite"): "latency-table replaces that file",
     ("commands/search.py", "--out"): "worker: where this machine keeps its trials (optional)",
     ("commands/search.py", "--weights"): "worker: a local copy of the study's input weights",
-    ("nas/_options.py", "--lr"): "NasSpace.lr, the candidates' learning rate (could be TrainConfig's, see the note)",
 }
 
 _DECLARED = re.compile(r'(?:"flag":\s*|typer\.Option\(\s*)"(--[a-z][a-z-]*)')

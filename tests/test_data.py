@@ -52,8 +52,10 @@ def _write_idx(path, array, gz):
 def test_idx_folder_gz_and_plain(tmp_path, gz):
     rng = np.random.default_rng(0)
     suffix = ".gz" if gz else ""
-    x = rng.integers(0, 256, (200, 6, 6)); y = np.arange(200) % 4
-    xt = rng.integers(0, 256, (40, 6, 6)); yt = np.arange(40) % 4
+    x = rng.integers(0, 256, (200, 6, 6))
+    y = np.arange(200) % 4
+    xt = rng.integers(0, 256, (40, 6, 6))
+    yt = np.arange(40) % 4
     _write_idx(tmp_path / f"train-images-idx3-ubyte{suffix}", x, gz)
     _write_idx(tmp_path / f"train-labels-idx1-ubyte{suffix}", y, gz)
     _write_idx(tmp_path / f"t10k-images-idx3-ubyte{suffix}", xt, gz)

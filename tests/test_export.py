@@ -1,4 +1,3 @@
-import numpy as np
 import onnx
 import pytest
 import torch
@@ -45,7 +44,8 @@ def test_bn_used_after_a_shared_conv_output_is_not_folded(digits):
 
     m = Tap().eval()
     with torch.no_grad():
-        m.bn.running_mean.uniform_(); m.bn.running_var.uniform_(0.5, 2)
+        m.bn.running_mean.uniform_()
+        m.bn.running_var.uniform_(0.5, 2)
     folded = fold_batchnorm(m, digits.example(2))
     torch.testing.assert_close(folded(digits.x_test[:5]), m(digits.x_test[:5]))
     assert isinstance(folded.bn, nn.BatchNorm2d)

@@ -84,5 +84,6 @@ def test_accuracy_of_a_perfect_and_a_constant_model(digits):
     assert accuracy(o, digits.x_test, digits.y_test) == 1.0
     const = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
     with torch.no_grad():
-        const[1].weight.zero_(); const[1].bias.copy_(torch.arange(10.0))
+        const[1].weight.zero_()
+        const[1].bias.copy_(torch.arange(10.0))
     assert accuracy(const, digits.x_test, digits.y_test) == pytest.approx(float((digits.y_test == 9).float().mean()))

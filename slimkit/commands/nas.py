@@ -14,6 +14,7 @@ from ..models import ModelRef
 from ..nas import NasSpace, build_latency_table
 from ..report import compare_table
 from ..search import Budget, Search, Store
+from ..training import TrainConfig
 from ._app import SEED, DataOpt, QuietOpt, command, flags_of, option, options, stdout
 
 FamilyOpt = Annotated[str, typer.Option("--family", "-f", help="Architecture family: mobilenetv2 or resnet "
@@ -67,6 +68,7 @@ def nas(
     teacher: Optional[str] = option(NasSpace, "teacher"),
     teacher_weights: Annotated[Optional[Path], typer.Option("--teacher-weights", help="The teacher's weights.")] = None,
     trust_pickle: bool = option(ModelRef, "trust_pickle"),
+    lr: float = option(TrainConfig, "lr", default=2e-3, help="Learning rate of the candidates' training."),
     target: Target = options(Target, defaults={"batch_sizes": (1,), "max_seconds": 1.0}, help={
         "batch_sizes": "Batch size the latency is measured and limited at.",
         "max_seconds": "Time cap when timing each candidate."}),
@@ -93,7 +95,7 @@ def nas(
     if teacher_weights is not None and teacher is None:
         raise SlimkitError("--teacher-weights needs --teacher (the architecture the weights belong to).")
     with flags_of(NasSpace, Budget, Search, Store, Target):
-        nas_space = NasSpace(**space, teacher=ModelRef(teacher, weights=teacher_weights, trust_pickle=trust_pickle)
+        nas_space = NasSpace(**space, lr=lr, teacher=ModelRef(teacher, weights=teacher_weights, trust_pickle=trust_pickle)
                              if teacher else None)
         res = api.nas(nas_space, data, budget=budget, target=target, search=search, store=store)
     out = store.out

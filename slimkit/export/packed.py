@@ -67,7 +67,7 @@ _CODE_OF = {dt: code for code, (dt, _) in _DTYPES.items()}
 # ----------------------------------------------------------------------------- Huffman coding
 
 
-def huffman_lengths(counts: Sequence[int]) -> list[int]:
+def huffman_lengths(counts: Sequence[int] | np.ndarray) -> list[int]:
     """Code length per symbol of a Huffman code for these symbol counts (0 for an unused symbol).
 
     Ties are broken by symbol number, so the code is deterministic; a single used symbol gets

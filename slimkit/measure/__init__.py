@@ -17,6 +17,7 @@ ONNX Runtime sessions); for ``torch-cpu`` from the batch-norm folded module that
 
 from __future__ import annotations
 
+import functools
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -47,6 +48,10 @@ __all__ = [
     "time_runs",
     "Target",
     "read_onnx",
+    "count_ops",
+    "interleaved",
+    "side_by_side",
+    "medians",
 ]
 
 from ._graph import count_ops, graph_stats  # noqa: E402
@@ -138,7 +143,7 @@ def latency(runner: Any, data: DataBundle, batch_sizes: Sequence[int], *, max_se
     out = {}
     for bs in batch_sizes:
         x = _example_batch(data, int(bs))
-        out[str(int(bs))] = time_runs(lambda: runner(x), max_seconds=max_seconds)
+        out[str(int(bs))] = time_runs(functools.partial(runner, x), max_seconds=max_seconds)
     return out
 
 

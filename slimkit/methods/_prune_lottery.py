@@ -114,8 +114,11 @@ def lottery(
     snap = _Snapshot(rewind_epoch)
     fit(net, bundle, cfg, hooks=[snap], label="dense")
     rewind = init_state if rewind_epoch == 0 else snap.state
+    if rewind is None:
+        raise ConfigError(f"dense training stopped early, before the rewind epoch {rewind_epoch}: lower rewind_epoch "
+                          "or raise the training's patience", field="rewind_epoch")
     dense_acc = evaluate(net, bundle.x_test, bundle.y_test)
-    rows = [{"round": 0, "remaining": 1.0, "nonzero_weights": sum(net.get_submodule(n).weight.numel() for n in targets),
+    rows = [{"round": 0, "remaining": 1.0, "nonzero_weights": sum(net.get_parameter(f"{n}.weight").numel() for n in targets),
              "ticket_accuracy": dense_acc, "control_accuracy": dense_acc if control else None}]
     ticket_cfg = dataclasses.replace(cfg, epochs=epochs - rewind_epoch)
     ticket_state: dict[str, torch.Tensor] = {}

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -75,7 +75,7 @@ def set_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
 def apply_masks_(model: nn.Module) -> None:
     """Zero every masked-out weight (in place)."""
     for name, mask in masks_of(model).items():
-        w = model.get_submodule(name).weight
+        w = cast(torch.Tensor, model.get_submodule(name).weight)  # masks are of linear and conv layers
         if w.shape != mask.shape:
             raise SlimkitError(
                 f"the pruning mask of '{name}' is shaped {tuple(mask.shape)} but its weight is now "

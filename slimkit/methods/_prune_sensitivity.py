@@ -85,8 +85,9 @@ def sensitivity(
         chosen = match_names(layers, cand, field="layers", what="prunable layers") if layers else set(cand)
         rows = {}
         for n in _progress(cand, chosen, "unstructured"):
-            rows[n] = {"params": cand[n].weight.numel(), "accuracy": _unstructured_curve(net, n, ratios, bundle)}
-            _report_row(n, rows[n]["accuracy"])
+            curve = _unstructured_curve(net, n, ratios, bundle)
+            rows[n] = {"params": cand[n].weight.numel(), "accuracy": curve}
+            _report_row(n, curve)
     else:
         head = classifier_of(net, example)
         groups = channel_groups(net, example, {head} if head else set())
@@ -94,9 +95,9 @@ def sensitivity(
         chosen = match_names(layers, groups, field="layers", what=what) if layers else set(groups)
         rows = {}
         for n in _progress(groups, chosen, "structured"):
-            rows[n] = {"params": groups[n]["params"], "coupled": groups[n]["coupled"],
-                       "accuracy": _structured_curve(net, n, ratios, bundle, importance, example)}
-            _report_row(n, rows[n]["accuracy"])
+            curve = _structured_curve(net, n, ratios, bundle, importance, example)
+            rows[n] = {"params": groups[n]["params"], "coupled": groups[n]["coupled"], "accuracy": curve}
+            _report_row(n, curve)
     report: dict[str, Any] = {
         "method": method, "importance": importance if method == "structured" else None, "ratios": list(ratios),
         "split": "val", "baseline_accuracy": base, "layers": rows,

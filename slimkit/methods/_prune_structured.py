@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 import torch
@@ -41,7 +41,7 @@ def _tp():
     return tp
 
 
-def root_layers(model: nn.Module) -> dict[str, nn.Module]:
+def root_layers(model: nn.Module) -> dict[str, nn.modules.conv._ConvNd | nn.Linear]:
     """Layers whose output channels can root a pruning group (conv and linear), by name."""
     return {n: m for n, m in model.named_modules()
             if n and isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))}
@@ -134,11 +134,11 @@ def _replay_prune_channels(model: nn.Module, op: dict[str, Any]) -> None:
             old = mod._parameters[k]
             mod._parameters[k] = nn.Parameter(torch.zeros(shape, dtype=old.dtype), requires_grad=old.requires_grad)
         for k, shape in change["buffers"].items():
-            old = mod._buffers[k]
-            mod._buffers[k] = torch.zeros(shape, dtype=old.dtype)
+            old_buffer = mod._buffers[k]
+            mod._buffers[k] = torch.zeros(shape, dtype=old_buffer.dtype)
 
 
-def channel_groups(model: nn.Module, example: torch.Tensor, ignored: set[str] = frozenset()) -> dict[str, dict[str, Any]]:
+def channel_groups(model: nn.Module, example: torch.Tensor, ignored: Collection[str] = frozenset()) -> dict[str, dict[str, Any]]:
     """Torch-Pruning's channel groups, by root layer: ``coupled`` (the layers whose output channels
     go with the root's), ``channels`` (how many) and ``params`` (parameters of every layer touched)."""
     tp = _tp()

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -36,16 +36,8 @@ from ..config import check
 from ..layers import FilterFn, LayerSelection
 from ..models import record_structure, register_structure_op, set_module
 from ..pipeline import Context, register_space, register_step
-from .decompose import (
-    HAS_NO,
-    Factorized,
-    _cost,
-    _example_for,
-    _Site,
-    decomposable_layers,
-    replace_layers_,
-    run_replacing,
-)
+from ._replace import HAS_NO, Site, conv_geometry, example_for, replace_layers_, run_replacing
+from .decompose import Factorized, _cost, decomposable_layers
 
 __all__ = ["Separable", "separable_", "SeparableConv2d"]
 
@@ -76,20 +68,19 @@ class SeparableConv2d(Factorized):
     def __init__(self, conv: nn.Conv2d, multiplier: int = 1):
         c_in, m = conv.in_channels, int(multiplier)
         super().__init__(
-            nn.Conv2d(c_in, c_in * m, conv.kernel_size, conv.stride, conv.padding, conv.dilation, groups=c_in,
-                      bias=False),
+            nn.Conv2d(c_in, c_in * m, *conv_geometry(conv), groups=c_in, bias=False),
             nn.Conv2d(c_in * m, conv.out_channels, 1, bias=conv.bias is not None),
         )
 
 
 @register_structure_op("separable")
 def _replay_separable(model: nn.Module, op: dict[str, Any]) -> None:
-    conv = model.get_submodule(op["layer"])
+    conv = cast(nn.Conv2d, model.get_submodule(op["layer"]))  # recorded by separable_: a Conv2d
     set_module(model, op["layer"], SeparableConv2d(conv, op["multiplier"]))
 
 
-def _separable_cost(site: _Site, m: int) -> tuple[int, int]:
-    conv = site.module
+def _separable_cost(site: Site, m: int) -> tuple[int, int]:
+    conv = cast(nn.Conv2d, site.module)  # separable_ replaces convolutions only
     c_out, _, kh, kw = conv.weight.shape
     c_in = conv.in_channels
     bias = conv.bias.numel() if conv.bias is not None else 0
@@ -134,18 +125,18 @@ def separable_(
     (18, True)
     """
     cfg = config or Separable()
-    x = _example_for(model, example, "separable_")
+    x = example_for(model, example, "separable_")
     modules = dict(model.named_modules())
     convs = {n: modules[n] for n in decomposable_layers(model) if isinstance(modules[n], nn.Conv2d)}
     selection = LayerSelection({"_default": cfg.multiplier}, skip=cfg.skip, filter_fn=filter_fn)
     selection.check([n for n in modules if n], what="convolutions", unknown=HAS_NO, unmatched=HAS_NO,
                     shown=list(convs))
     names = list(selection.resolve(convs)[0])
-    return replace_layers_(model, x, names, lambda name, conv, site: _replace(model, name, conv, site, cfg),
+    return replace_layers_(model, x, names, lambda name, conv, site: _replace(model, name, cast(nn.Conv2d, conv), site, cfg),
                            label="separable", noun="convolutions")
 
 
-def _replace(model: nn.Module, name: str, conv: nn.Conv2d, site: _Site | None, cfg: Separable) -> dict[str, Any]:
+def _replace(model: nn.Module, name: str, conv: nn.Conv2d, site: Site | None, cfg: Separable) -> dict[str, Any]:
     row: dict[str, Any] = {"name": name, "replaced": False}
     if conv.groups != 1:
         return {**row, "reason": "already a grouped convolution"}

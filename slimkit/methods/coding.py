@@ -31,7 +31,7 @@ import copy
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -185,6 +185,11 @@ def _kmeans(values: np.ndarray, k: int, seed: int) -> tuple[np.ndarray, np.ndarr
     return centroids[used], remap[labels]
 
 
+def _weight(model: nn.Module, name: str) -> torch.Tensor:
+    """The weight of the layer ``name`` (a linear or convolution layer)."""
+    return cast(torch.Tensor, model.get_submodule(name).weight)
+
+
 class SharedWeightsHook:
     """A :func:`slimkit.training.fit` hook keeping each layer's weights on its shared values.
 
@@ -200,7 +205,7 @@ class SharedWeightsHook:
     def apply_(self, model: nn.Module) -> None:
         with torch.no_grad():
             for name, lab in self.labels.items():
-                w = model.get_submodule(name).weight
+                w = _weight(model, name)
                 lab = lab.to(w.device)
                 keep = lab >= 0
                 table = self.centroids[name].to(w.device, w.dtype)
@@ -212,7 +217,7 @@ class SharedWeightsHook:
     def on_step_end(self, model: nn.Module, step: int, total_steps: int) -> None:
         with torch.no_grad():
             for name, lab in self.labels.items():
-                w = model.get_submodule(name).weight.detach().reshape(-1).double().cpu()
+                w = _weight(model, name).detach().reshape(-1).double().cpu()
                 flat = lab.reshape(-1)
                 keep = flat >= 0
                 k = len(self.centroids[name])
@@ -227,7 +232,7 @@ class SharedWeightsHook:
         ``fit`` restored its best epoch."""
         with torch.no_grad():
             for name, lab in self.labels.items():
-                w = model.get_submodule(name).weight.detach().reshape(-1).cpu()
+                w = _weight(model, name).detach().reshape(-1).cpu()
                 flat = lab.reshape(-1)
                 idx = torch.nonzero(flat >= 0).reshape(-1)
                 first = torch.full((len(self.centroids[name]),), -1, dtype=torch.long)
@@ -253,7 +258,7 @@ def share_weights_(model: nn.Module, bits: dict[str, int], *, seed: int = 0) -> 
     """
     labels, centroids = {}, {}
     for name, b in bits.items():
-        w = model.get_submodule(name).weight.detach()
+        w = _weight(model, name).detach()
         flat = w.reshape(-1).float().numpy()
         nz = np.flatnonzero(flat != 0)
         lab = np.full(flat.shape, -1, dtype=np.int64)
@@ -324,7 +329,7 @@ def _deep_compress_(model: nn.Module, data: DataBundle, cfg: DeepCompression, pa
 
     # 3. coding and the packed file
     _console.info("deep compression 3/3: Huffman coding, writing " + str(path))
-    coded = {f"{n}.weight": CodedTensor.from_shared(model.get_submodule(n).weight, p["bits"], p["index_bits"])
+    coded = {f"{n}.weight": CodedTensor.from_shared(_weight(model, n), p["bits"], p["index_bits"])
              for n, p in plan.items()}
     acct = write_packed(path, model, coded)
     _, state, _ = read_packed(path)
@@ -430,10 +435,9 @@ def deep_compress(
     if teacher is None and cfg.distill:
         teacher = copy.deepcopy(model).eval()
     with tempfile.TemporaryDirectory(prefix="slimkit-dc-") as tmp:
-        path = (out_dir / "model.slim") if out_dir is not None else Path(tmp) / "model.slim"
-        report = _deep_compress_(net, data, cfg, path, teacher=teacher, hooks=hooks)
-        if out_dir is None:
-            path = None
+        packed = (out_dir / "model.slim") if out_dir is not None else Path(tmp) / "model.slim"
+        report = _deep_compress_(net, data, cfg, packed, teacher=teacher, hooks=hooks)
+    path = packed if out_dir is not None else None  # a temporary file is gone
     report["data"] = data.name
     if out_dir is not None:
         report["files"] = {"packed": str(out_dir / "model.slim"), "report": str(out_dir / "result.json")}

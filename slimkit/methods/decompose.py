@@ -35,21 +35,18 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
 import torch
 from torch import nn
 
-from .. import _console
 from ..config import check
-from ..errors import ConfigError, SlimkitError
+from ..errors import ConfigError
 from ..layers import FilterFn, LayerSelection
-from ..measure import count_macs, count_params
-from ..measure.backends import torch_threads
-from ..models import origin_of, record_structure, register_structure_op, set_module
+from ..models import record_structure, register_structure_op, set_module
 from ..pipeline import Context, register_space, register_step
+from ._replace import HAS_NO, Layer, Site, conv_geometry, example_for, replace_layers_, run_replacing
 
 __all__ = [
     "LowRank",
@@ -64,11 +61,8 @@ __all__ = [
 CONV_METHODS = ("tucker2", "cp", "none")
 LINEAR_METHODS = ("svd", "none")
 _AUTO = "auto"  # the rank of a layer without one of its own in ``ranks``: from ``ratio`` or ``energy``
-HAS_NO = "the model has no layer '{key}'; its {what} are: {names}"
 
 Rank = int | list[int]  # one rank (SVD, CP) or [r_out, r_in] (Tucker-2)
-Layer = nn.Linear | nn.Conv2d  # a decomposable layer
-_Pair = tuple[int, int]
 
 
 def _one_rank(rank: Rank | None) -> int:
@@ -84,12 +78,6 @@ def _two_ranks(rank: Rank | None) -> tuple[int, int]:
         raise TypeError(f"expected [r_out, r_in], got {rank!r}")
     r_out, r_in = rank
     return int(r_out), int(r_in)
-
-
-def conv_geometry(conv: nn.Conv2d) -> tuple[_Pair, _Pair, str | _Pair, _Pair]:
-    """``conv``'s kernel size, stride, padding and dilation, typed as ``nn.Conv2d`` takes them
-    (torch types the attributes as ``tuple[int, ...]``; a ``Conv2d``'s are pairs)."""
-    return cast("tuple[_Pair, _Pair, str | _Pair, _Pair]", (conv.kernel_size, conv.stride, conv.padding, conv.dilation))
 
 
 @dataclass
@@ -198,39 +186,7 @@ def _replay_lowrank(model: nn.Module, op: dict[str, Any]) -> None:
     set_module(model, op["layer"], _build(op["kind"], layer, op["rank"]))
 
 
-# ----------------------------------------------------------------------------- layer geometry
-
-
-@dataclass
-class _Site:
-    """A candidate layer and the shapes it saw on one example (batch dimension dropped)."""
-
-    name: str
-    module: Layer
-    in_shape: tuple[int, ...]
-    out_shape: tuple[int, ...]
-
-
-def _trace_shapes(model: nn.Module, example: torch.Tensor, names: list[str]) -> dict[str, _Site]:
-    """Run ``model`` once and record the input/output shapes of the named layers called exactly once."""
-    seen: dict[str, list[tuple[tuple[int, ...], tuple[int, ...]]]] = {n: [] for n in names}
-    modules = dict(model.named_modules())
-    handles = [
-        modules[n].register_forward_hook(
-            lambda m, args, out, n=n: seen[n].append((tuple(args[0].shape[1:]), tuple(out.shape[1:]))))
-        for n in names
-    ]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(example)
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
-    # the names are of decomposable layers (linear or Conv2d)
-    return {n: _Site(n, cast(Layer, modules[n]), *calls[0]) for n, calls in seen.items() if len(calls) == 1}
+# ----------------------------------------------------------------------------- layer cost
 
 
 def _positions(shape: tuple[int, ...]) -> int:
@@ -238,7 +194,7 @@ def _positions(shape: tuple[int, ...]) -> int:
     return math.prod(shape[1:]) if len(shape) == 3 else math.prod(shape[:-1])
 
 
-def _cost(kind: str, site: _Site, rank: Rank | None) -> tuple[int, int]:
+def _cost(kind: str, site: Site, rank: Rank | None) -> tuple[int, int]:
     """(parameters, MACs per example) of the layer at ``site`` as it is (``kind='dense'``) or decomposed."""
     m = site.module
     bias = m.bias.numel() if m.bias is not None else 0
@@ -296,7 +252,7 @@ def _svd(w2: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float
     return a, b, err
 
 
-def _tucker2(w: torch.Tensor, r_out: int, r_in: int, iterations: int):
+def _tucker2(w: torch.Tensor, r_out: int, r_in: int, iterations: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
     """Tucker-2 of ``w (C_out, C_in, kh, kw)`` on its two channel modes (TensorLy, HOOI from HOSVD)."""
     import tensorly as tl
     from tensorly.decomposition import partial_tucker
@@ -310,7 +266,7 @@ def _tucker2(w: torch.Tensor, r_out: int, r_in: int, iterations: int):
     return core, u_out, u_in, _rel_error(w64, approx)
 
 
-def _cp(w: torch.Tensor, rank: int, iterations: int):
+def _cp(w: torch.Tensor, rank: int, iterations: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
     """CP of ``w (C_out, C_in, kh, kw)`` seen as ``(C_out, C_in, kh*kw)`` (TensorLy ALS, seeded)."""
     import tensorly as tl
     from tensorly.decomposition import parafac
@@ -382,7 +338,7 @@ def _kind_of(m: nn.Module, cfg: LowRank) -> tuple[str | None, str]:
     return None, f"{type(m).__name__} is not a linear or Conv2d layer"
 
 
-def _largest_smaller_rank(kind: str, site: _Site, full: int) -> int:
+def _largest_smaller_rank(kind: str, site: Site, full: int) -> int:
     """The largest rank whose layer still has fewer params and MACs than the dense one (0: none)."""
     params, macs = _cost("dense", site, None)
     lo, hi = 0, full
@@ -413,42 +369,6 @@ def decomposable_layers(model: nn.Module) -> list[str]:
     return out
 
 
-def _example_for(model: nn.Module, example: torch.Tensor | None, verb: str = "decompose_") -> torch.Tensor:
-    """One input example on the model's device: ``example[:1]``, or zeros of the recorded input shape."""
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    if example is not None:
-        return example[:1].to(device)
-    shape = origin_of(model).get("input_shape")
-    if not shape:
-        raise SlimkitError(f"{verb} needs example= (an input batch) to measure each layer's MACs; "
-                           "this model does not record its input shape.")
-    return torch.zeros((1, *shape), device=device)
-
-
-def replace_layers_(model: nn.Module, x: torch.Tensor, names: list[str],
-                    replace: Callable[[str, nn.Module, _Site | None], dict[str, Any]], *, label: str,
-                    noun: str) -> dict[str, Any]:
-    """``replace(name, module, site)`` for each of ``names`` (one row each, with ``replaced``), and
-    the model's parameters and MACs before and after on the input ``x``."""
-    input_shape = tuple(x.shape[1:])
-    params_before, macs_before = count_params(model)["params"], count_macs(model, input_shape)
-    sites = _trace_shapes(model, x, names)
-    rows: list[dict[str, Any]] = []
-    # small factorizations: one thread is faster, and far faster on a busy machine
-    with _console.progress() as bar, torch_threads(1):
-        task = bar.add_task(label, total=len(names), info="")
-        for name in names:
-            bar.update(task, info=name)
-            rows.append(replace(name, model.get_submodule(name), sites.get(name)))
-            bar.advance(task)
-    params_after, macs_after = count_params(model)["params"], count_macs(model, input_shape)
-    replaced = sum(bool(r["replaced"]) for r in rows)
-    _console.info(f"{label}: {replaced} of {len(rows)} {noun} replaced; params {params_before:,} -> "
-                  f"{params_after:,}, MACs {macs_before:,} -> {macs_after:,}")
-    return {"layers": rows, "replaced": replaced, "params_before": params_before, "params_after": params_after,
-            "macs_before": macs_before, "macs_after": macs_after}
-
-
 def decompose_(
     model: nn.Module,
     config: LowRank | None = None,
@@ -472,7 +392,7 @@ def decompose_(
     True
     """
     cfg = config or LowRank()
-    x = _example_for(model, example)
+    x = example_for(model, example)
     modules = dict(model.named_modules())
     candidates = {n: modules[n] for n in decomposable_layers(model)}
     selection = LayerSelection({"_default": _AUTO, **cfg.ranks}, skip=cfg.skip, filter_fn=filter_fn)
@@ -495,7 +415,7 @@ def decompose_(
         model, name, module, site, cfg, explicit.get(name)), label="decompose", noun="layers")
 
 
-def _decompose_layer(model: nn.Module, name: str, m: nn.Module, site: _Site | None, cfg: LowRank,
+def _decompose_layer(model: nn.Module, name: str, m: nn.Module, site: Site | None, cfg: LowRank,
                      rank: Rank | None) -> dict[str, Any]:
     kind, why = _kind_of(m, cfg)
     row: dict[str, Any] = {"name": name, "kind": kind, "replaced": False}
@@ -522,7 +442,7 @@ def _decompose_layer(model: nn.Module, name: str, m: nn.Module, site: _Site | No
             "macs_after": m_after}
 
 
-def _auto_rank(kind: str, m: Layer, w: torch.Tensor, site: _Site, cfg: LowRank) -> Rank | None:
+def _auto_rank(kind: str, m: Layer, w: torch.Tensor, site: Site, cfg: LowRank) -> Rank | None:
     """The rank from ``ratio`` (when set) or ``energy``; None when CP cannot reach the energy while smaller."""
     if kind == "tucker2":
         c_out, c_in = w.shape[:2]
@@ -568,22 +488,23 @@ def _factorize(kind: str, m: Layer, w: torch.Tensor, rank: Rank, cfg: LowRank) -
     """The replacement for ``m`` with weights that approximate ``w``, and its relative error."""
     new = _build(kind, m, rank).to(w.device)
     dtype = w.dtype
+    weights = [cast(Layer, layer).weight for layer in new]  # the chain's linear / conv layers
     with torch.no_grad():
         if kind == "svd":
             a, b, err = _svd(w.reshape(w.shape[0], -1), _one_rank(rank))  # (out, in) for 1x1 convs too
-            new[0].weight.copy_(a.reshape(new[0].weight.shape).to(dtype))
-            new[1].weight.copy_(b.reshape(new[1].weight.shape).to(dtype))
+            weights[0].copy_(a.reshape(weights[0].shape).to(dtype))
+            weights[1].copy_(b.reshape(weights[1].shape).to(dtype))
         elif kind == "tucker2":
             core, u_out, u_in, err = _tucker2(w, *_two_ranks(rank), cfg.iterations)
-            new[0].weight.copy_(u_in.t()[:, :, None, None].to(dtype))  # (r_in, C_in, 1, 1)
-            new[1].weight.copy_(core.to(dtype))  # (r_out, r_in, kh, kw)
-            new[2].weight.copy_(u_out[:, :, None, None].to(dtype))  # (C_out, r_out, 1, 1)
+            weights[0].copy_(u_in.t()[:, :, None, None].to(dtype))  # (r_in, C_in, 1, 1)
+            weights[1].copy_(core.to(dtype))  # (r_out, r_in, kh, kw)
+            weights[2].copy_(u_out[:, :, None, None].to(dtype))  # (C_out, r_out, 1, 1)
         else:
             a, b, k, err = _cp(w, _one_rank(rank), cfg.iterations)
             kh, kw = w.shape[2:]
-            new[0].weight.copy_(b.t()[:, :, None, None].to(dtype))  # (R, C_in, 1, 1)
-            new[1].weight.copy_(k.t().reshape(-1, 1, kh, kw).to(dtype))  # (R, 1, kh, kw)
-            new[2].weight.copy_(a[:, :, None, None].to(dtype))  # (C_out, R, 1, 1)
+            weights[0].copy_(b.t()[:, :, None, None].to(dtype))  # (R, C_in, 1, 1)
+            weights[1].copy_(k.t().reshape(-1, 1, kh, kw).to(dtype))  # (R, 1, kh, kw)
+            weights[2].copy_(a[:, :, None, None].to(dtype))  # (C_out, R, 1, 1)
         if m.bias is not None:
             new[-1].bias.copy_(m.bias.detach())
     new.train(m.training)
@@ -591,14 +512,6 @@ def _factorize(kind: str, m: Layer, w: torch.Tensor, rank: Rank, cfg: LowRank) -
 
 
 # ----------------------------------------------------------------------------- recipe step and search space
-
-
-def run_replacing(ctx: Context, verb: Callable[..., dict[str, Any]], cfg: Any, step: str) -> dict[str, Any]:
-    """A layer-replacing step: ``verb(ctx.model, cfg, example=...)``, its config errors placed in ``step``."""
-    try:
-        return verb(ctx.model, cfg, example=ctx.data.example(1))
-    except ConfigError as e:
-        raise e.located(f"recipe step '{step}'") from None
 
 
 @register_step("decompose", LowRank, forbids={"exported", "quantized", "fake_quant", "masked"})

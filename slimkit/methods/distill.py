@@ -118,7 +118,7 @@ class _Adapter(nn.Module):
         self.spatial = len(s_shape) == 4 and len(t_shape) == 4
         if self.spatial:
             self.size = (min(s_shape[2], t_shape[2]), min(s_shape[3], t_shape[3]))
-            self.proj = nn.Conv2d(s_shape[1], t_shape[1], 1) if s_shape[1] != t_shape[1] else nn.Identity()
+            self.proj: nn.Module = nn.Conv2d(s_shape[1], t_shape[1], 1) if s_shape[1] != t_shape[1] else nn.Identity()
         else:
             s_width, t_width = _flat_width(s_shape), _flat_width(t_shape)
             self.proj = nn.Linear(s_width, t_width) if s_width != t_width else nn.Identity()

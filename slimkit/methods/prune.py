@@ -203,8 +203,9 @@ def prune_(
     raise SlimkitError(f"prune_ takes Unstructured(...) or Structured(...), got {type(config).__name__}.")
 
 
-def _finetune(model: nn.Module, data: DataBundle, ft: Finetune, teacher: nn.Module | None,
+def _finetune(model: nn.Module, data: DataBundle | None, ft: Finetune, teacher: nn.Module | None,
               hooks: list[Any], label: str) -> dict[str, Any]:
+    assert data is not None  # prune_ asks for data when the config fine-tunes
     teacher = teacher if ft.distill else None
     report = fit(model, data, ft, teacher=teacher, hooks=hooks, label=label)
     report.pop("history", None)
@@ -311,12 +312,14 @@ def _structured_space(trial: Any) -> Structured | None:
 @register_step("store_sparse", StoreSparse, requires={"exported"}, forbids={"quantized"}, clears={"masked"})
 def _store_sparse_step(ctx: Context, cfg: StoreSparse) -> dict[str, Any]:
     """Rewrite the current ONNX artifact with sparse initializers and check it still agrees."""
+    src = ctx.onnx_path
+    assert src is not None  # the step requires an exported model
     dst = ctx.new_path("model-sparse")
-    report = sparse_onnx(ctx.onnx_path, dst)
+    report = sparse_onnx(src, dst)
     x = ctx.data.x_test[:512]
     # sparse storage is lossless: the rewritten file must compute what the dense one did (an integer
     # QAT artifact differs from torch's fake quantization by itself; the export step judged that)
-    same = parity(ctx.onnx_path, dst, x, threads=ctx.threads)
+    same = parity(src, dst, x, threads=ctx.threads)
     if same["top1_agreement"] < cfg.min_agreement:
         raise ExportError(f"the sparse ONNX artifact disagrees with the dense one it was rewritten from on "
                           f"{1 - same['top1_agreement']:.1%} of {same['samples']} test examples.")

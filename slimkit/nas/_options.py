@@ -53,7 +53,7 @@ class NasSpace:
     final_epochs: int = field(default=10, metadata={"flag": "--final-epochs", "help":
                               "Epochs the best architecture trains at the end (0: keep it as the search trained it)."})
     final_batches: int | None = field(default=None, metadata={"cli": False})
-    lr: float = field(default=2e-3, metadata={"flag": "--lr", "help": "Learning rate of the candidates' training."})
+    lr: float = field(default=2e-3, metadata={"cli": False})  # the CLI's --lr is TrainConfig's (declared once)
     table_rounds: int = field(default=7, metadata={"flag": "--table-rounds", "help":
                               "Timing rounds when the table is built here."})
 
