@@ -20,12 +20,13 @@ ROUNDS, RATE, REWIND, EPOCHS = 14, 0.2, 1, 10
 
 
 def main() -> None:
-    from slimkit.methods.prune import lottery
+    from slimkit.methods.prune import LotteryConfig, lottery
+    from slimkit.training import TrainConfig
 
     rounds = int(sys.argv[1]) if len(sys.argv) > 1 else ROUNDS
     data = fashion_mnist()
-    res = lottery("zoo:lenet300", data, rounds=rounds, rate=RATE, rewind_epoch=REWIND, epochs=EPOCHS,
-                  out=CACHE / "lottery-lenet300", overwrite=True, seed=0)
+    res = lottery("zoo:lenet300", data, LotteryConfig(rounds=rounds, rate=RATE, rewind_epoch=REWIND),
+                  train=TrainConfig(epochs=EPOCHS, seed=0), out=CACHE / "lottery-lenet300", overwrite=True)
     rows = res.report["rounds"]
     table = [[r["round"], f"{r['remaining']:.1%}", f"{r['nonzero_weights']:,}", f"{r['ticket_accuracy']:.4f}",
               f"{r['control_accuracy']:.4f}", f"{(r['ticket_accuracy'] - r['control_accuracy']) * 100:+.2f}"]

@@ -82,7 +82,8 @@ def _table_path() -> Path:
 
 def table() -> None:
     from slimkit.measure import count_macs
-    from slimkit.nas import arch_summary, build_latency_table, get_family
+    from slimkit.measure import Target
+    from slimkit.nas import TableConfig, arch_summary, build_latency_table, get_family
     from slimkit.nas import relative_error
 
     data = _data()
@@ -92,8 +93,9 @@ def table() -> None:
     space = fam.space if SPACE is None else fam.space.narrowed(SPACE)
     archs = [space.random(random.Random(1000 + i)) for i in range(VALIDATE)]
     t0 = time.perf_counter()
-    tab = build_latency_table(fam, data, target="ort-cpu", batch=1, threads=THREADS, space=space, rounds=ROUNDS,
-                              validate=archs, validation_dir=folder, out=_table_path())
+    tab = build_latency_table(fam, data, Target("ort-cpu", batch_sizes=(1,), threads=THREADS),
+                              TableConfig(space=space, rounds=ROUNDS, validate=archs), validation_dir=folder,
+                              out=_table_path())
     build_s = time.perf_counter() - t0
     d = tab.data
     pairs = d["validation"]["pairs"]
@@ -409,7 +411,8 @@ def supernet() -> None:
     subnet_steps = SUPERNET_K * PROXY_EPOCHS * PROXY_BATCHES  # the same number of sub-network updates
     sn = Supernet(fam, input_shape=data.input_shape, num_classes=data.num_classes, space=space)
     torch.manual_seed(0)
-    rep = train_supernet(sn, data, steps=max(1, subnet_steps // 4), teacher=copy.deepcopy(teacher), device=DEVICE)
+    rep = train_supernet(sn, data, steps=max(1, subnet_steps // 4), teacher=copy.deepcopy(teacher),
+                         train=TrainConfig(lr=2e-3, device=DEVICE))
     inherited = [evaluate_subnet(sn, arch, data)[0] for arch in archs]
     sp, kt = _spearman(inherited, alone), _kendall(inherited, alone)
     best_alone = max(range(len(archs)), key=lambda i: alone[i])

@@ -47,7 +47,7 @@ def _apply(recipe, name, data, out):
 
 
 def unstructured(data, work: Path) -> str:
-    from slimkit.measure import graph_stats, profile
+    from slimkit.measure import Target, graph_stats, profile
     from slimkit.methods.prune import csr_bytes, sparse_onnx
 
     rows = []
@@ -60,8 +60,8 @@ def unstructured(data, work: Path) -> str:
         kept = sum(v["nonzero"] for v in step["layers"].values())
         sparse = sparse_onnx(res.onnx_path, res.onnx_path.with_name("model-sparse.onnx"))
         # the accuracy and the counts come from the sparse artifact itself, run by ONNX Runtime
-        sp = profile(None, data, target="ort-cpu", onnx_path=sparse_path(res), batch_sizes=(), threads=THREADS,
-                     layers=False)
+        sp = profile(None, data, Target("ort-cpu", threads=THREADS, layers=False), onnx_path=sparse_path(res),
+                     latency=False)
         stats = graph_stats(sparse_path(res))
         drop = (base["accuracy"] - sp["accuracy"]) * 100
         sparsity = 1 - kept / pruned

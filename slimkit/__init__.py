@@ -50,7 +50,9 @@ _LAZY = {
     "finalize_": "slimkit.methods.prune",
     "Structured": "slimkit.methods.prune",
     "sensitivity": "slimkit.methods.prune",
+    "SensitivityConfig": "slimkit.methods.prune",
     "lottery": "slimkit.methods.prune",
+    "LotteryConfig": "slimkit.methods.prune",
     # quantization and Deep Compression (issue 4)
     "quantize_": "slimkit.methods.quantize",
     "quantize_onnx": "slimkit.methods.quantize",
@@ -82,6 +84,7 @@ _LAZY = {
     # hardware-aware architecture search (issue 7); the verb itself: slimkit.api.nas (slimkit.nas is the package)
     "NasSpace": "slimkit.nas",
     "build_latency_table": "slimkit.nas",
+    "TableConfig": "slimkit.nas",
     "LatencyTable": "slimkit.nas",
     "NasResult": "slimkit.nas",
     "register_family": "slimkit.nas",

@@ -117,8 +117,7 @@ def profile(
         net = resolve_model(model, bundle)
     elif not Path(onnx).is_file():
         raise SlimkitError(f"ONNX file {onnx} does not exist.")
-    return _profile(net, bundle, target=target.runtime, batch_sizes=target.batch_sizes, threads=target.threads,
-                    onnx_path=onnx, max_seconds=target.max_seconds, layers=target.layers)
+    return _profile(net, bundle, target, onnx_path=onnx)
 
 
 # ----------------------------------------------------------------------------- apply

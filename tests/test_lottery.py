@@ -6,15 +6,15 @@ import pytest
 import torch
 
 from slimkit.errors import ConfigError
-from slimkit.methods.prune import lottery
+from slimkit.methods.prune import LotteryConfig, lottery
 from slimkit.models import load_model
 from slimkit.training import TrainConfig
 
 
 def test_lottery_rounds_rewind_and_control(digits, tmp_path):
     out = tmp_path / "lt"
-    res = lottery("zoo:lenet300", digits, rounds=2, rate=0.2, rewind_epoch=0, epochs=2, out=out,
-                  train=TrainConfig(batch_size=64, lr=2e-3))
+    res = lottery("zoo:lenet300", digits, LotteryConfig(rounds=2, rate=0.2, rewind_epoch=0), out=out,
+                  train=TrainConfig(epochs=2, batch_size=64, lr=2e-3))
     rows = res.report["rounds"]
     assert [r["round"] for r in rows] == [0, 1, 2]
     assert [r["remaining"] for r in rows] == pytest.approx([1.0, 0.8, 0.64], abs=1e-4)
@@ -39,8 +39,8 @@ def test_lottery_rounds_rewind_and_control(digits, tmp_path):
 
 
 def test_rewinding_to_a_later_epoch_keeps_that_epochs_weights(digits, tmp_path):
-    res = lottery("zoo:lenet300", digits, rounds=1, rate=0.5, rewind_epoch=1, epochs=2, control=False,
-                  scope="layer", out=tmp_path / "lt", train=TrainConfig(batch_size=64))
+    res = lottery("zoo:lenet300", digits, LotteryConfig(rounds=1, rate=0.5, rewind_epoch=1, control=False, scope="layer"),
+                  out=tmp_path / "lt", train=TrainConfig(epochs=2, batch_size=64))
     rows = res.report["rounds"]
     assert rows[1]["control_accuracy"] is None and res.report["ticket_epochs"] == 1
     ticket = load_model(weights=tmp_path / "lt" / "ticket.safetensors")
@@ -78,4 +78,4 @@ def test_lottery_bad_input_exits_2(cli, tmp_path, args, message):
 
 def test_lottery_rejects_bad_values_in_python():
     with pytest.raises(ConfigError, match="rewind_epoch"):
-        lottery("zoo:lenet300", "digits", epochs=1, rewind_epoch=1)
+        lottery("zoo:lenet300", "digits", LotteryConfig(rewind_epoch=1), train=TrainConfig(epochs=1))

@@ -4,7 +4,7 @@ from torch import nn
 
 from slimkit.errors import SlimkitError
 from slimkit.export import export_onnx
-from slimkit.measure import accuracy, artifact_bytes, count_macs, count_params, graph_stats, layer_macs, profile
+from slimkit.measure import Target, accuracy, artifact_bytes, count_macs, count_params, graph_stats, layer_macs, profile
 
 
 def test_params_and_nonzero():
@@ -37,8 +37,8 @@ def test_onnx_graph_counts_match_torch(tmp_path, digits):
 def test_profile_agrees_between_targets(trained, digits, name, kw):
     """torch-cpu and ort-cpu report the same params, MACs and accuracy for the same model."""
     model, _ = trained(name, **kw)
-    t = profile(model, digits, target="torch-cpu", batch_sizes=(1, 16), max_seconds=0.2)
-    o = profile(model, digits, target="ort-cpu", batch_sizes=(1, 16), max_seconds=0.2)
+    t = profile(model, digits, Target("torch-cpu", batch_sizes=(1, 16), max_seconds=0.2))
+    o = profile(model, digits, Target("ort-cpu", batch_sizes=(1, 16), max_seconds=0.2))
     for key in ("params", "nonzero_params", "macs"):
         assert t[key] == o[key], key
     assert t["accuracy"] == pytest.approx(o["accuracy"], abs=1 / len(digits.x_test) + 1e-9)
@@ -60,18 +60,18 @@ def test_profile_agrees_between_targets(trained, digits, name, kw):
 def test_profile_of_onnx_file_alone(trained, digits, tmp_path):
     model, _ = trained("lenet5")
     path = export_onnx(model, tmp_path / "m.onnx", digits.example(2))
-    p = profile(None, digits, target="ort-cpu", onnx_path=path, batch_sizes=(4,), max_seconds=0.1)
+    p = profile(None, digits, Target("ort-cpu", batch_sizes=(4,), max_seconds=0.1), onnx_path=path)
     assert p["artifact_bytes"] == path.stat().st_size and p["params"] == count_params(model)["params"]
 
 
 def test_profile_bad_arguments(digits):
     m = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
     with pytest.raises(SlimkitError, match="unknown target 'gpu'.*ort-cpu"):
-        profile(m, digits, target="gpu")
+        profile(m, digits, "gpu")
     with pytest.raises(SlimkitError, match="batch sizes must be at least 1"):
-        profile(m, digits, batch_sizes=(0,))
+        profile(m, digits, Target(batch_sizes=(0,)))
     with pytest.raises(SlimkitError, match="threads must be at least 1"):
-        profile(m, digits, threads=-1)
+        profile(m, digits, Target(threads=-1))
 
 
 def test_accuracy_of_a_perfect_and_a_constant_model(digits):

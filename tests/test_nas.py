@@ -20,13 +20,14 @@ from slimkit.errors import ConfigError, SlimkitError
 from slimkit.export import export_onnx, fold_batchnorm, ort_session
 from slimkit.measure import Target
 from slimkit.models import ModelRef, load_model
-from slimkit.nas import (LatencyTable, NasSpace, ParetoStop, Space, block_plan, build_latency_table, get_family, nas,
-                         recalibrate_bn, register_family)
+from slimkit.nas import (LatencyTable, NasSpace, ParetoStop, Space, TableConfig, block_plan, build_latency_table,
+                         get_family, nas, recalibrate_bn, register_family)
 from slimkit.nas._chain import onnx_chain
 from slimkit.nas._chain import scopes as _scopes
 from slimkit.nas._space import _FAMILIES, Family
 from slimkit.nas._supernet import Supernet, evaluate_subnet, inherit, train_supernet
 from slimkit.search import Budget, Search, Store
+from slimkit.training import TrainConfig
 
 # A small MobileNetV2 space for 8x8 digits: 8 architectures, 3 reference networks to export.
 SPACE = {
@@ -74,8 +75,8 @@ def space() -> Space:
 @pytest.fixture(scope="module")
 def table(digits, tmp_path_factory) -> LatencyTable:
     out = tmp_path_factory.mktemp("table") / "table.json"
-    return build_latency_table("mobilenetv2", digits, target="ort-cpu", batch=1, threads=1, space=SPACE, rounds=7,
-                               validate=[SMALL, SMALLER], out=out)
+    return build_latency_table("mobilenetv2", digits, Target("ort-cpu", batch_sizes=(1,), threads=1),
+                               TableConfig(space=SPACE, rounds=7, validate=[SMALL, SMALLER]), out=out)
 
 
 @pytest.fixture(scope="module")
@@ -461,7 +462,7 @@ def test_supernet_training_moves_every_sub_network(digits):
                   space={"width": [0.5], "stages": [{}, {"blocks": [1, 2]}, {"blocks": [1]}, {"blocks": [1]},
                                                     {"blocks": [1]}]})
     before = {n: p.detach().clone() for n, p in sn.named_parameters()}
-    report = train_supernet(sn, digits, steps=3, batch_size=32)
+    report = train_supernet(sn, digits, steps=3, train=TrainConfig(lr=2e-3, batch_size=32))
     assert report["steps"] == 3 and report["subnets_per_step"] == 4
     changed = [n for n, p in sn.named_parameters() if not torch.equal(p, before[n])]
     assert len(changed) == len(before)  # the largest sub-network touches every shared weight

@@ -48,7 +48,7 @@ def test_layer_profile_leaves_no_trace_in_the_current_folder(trained, digits, tm
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     monkeypatch.chdir(cwd)
-    report = profile(model, digits, target="ort-cpu", batch_sizes=(1,), threads=1, max_seconds=0.05, layers=True)
+    report = profile(model, digits, Target("ort-cpu", batch_sizes=(1,), threads=1, max_seconds=0.05, layers=True))
     assert report["layers"]  # the per-layer table came from ONNX Runtime's profiler
     assert list(cwd.iterdir()) == []
 

@@ -435,15 +435,16 @@ def test_channel_rounding_goes_to_the_nearest_multiple():
 @pytest.mark.parametrize("name,kwargs", [("lenet300", {}), ("lenet5", {}), ("resnet", {"width": 0.25}),
                                          ("mobilenetv2", {"width": 0.25})])
 def test_every_verb_runs_on_every_zoo_model(name, kwargs, digits):
-    from slimkit.methods.prune import lottery, sensitivity
+    from slimkit.methods.prune import LotteryConfig, SensitivityConfig, lottery, sensitivity
 
     model = _zoo(name, digits, **kwargs)
     r = prune_(copy.deepcopy(model), Unstructured(sparsity=0.6, scope="layer"))
     assert all(v["nonzero"] == v["params"] - round(0.6 * v["params"]) for v in r["layers"].values())
     first = next(iter(r["layers"]))
-    s = sensitivity(model, digits, "unstructured", [0.5], layers=[first])
+    s = sensitivity(model, digits, SensitivityConfig("unstructured", [0.5], layers=[first]))
     assert list(s["layers"]) == [first] and len(s["layers"][first]["accuracy"]) == 1
-    lt = lottery(model, digits, rounds=1, epochs=1, rewind_epoch=0, train=TrainConfig(max_batches=2, batch_size=32))
+    lt = lottery(model, digits, LotteryConfig(rounds=1, rewind_epoch=0),
+                 train=TrainConfig(epochs=1, max_batches=2, batch_size=32))
     assert lt.report["rounds"][1]["remaining"] == pytest.approx(0.8, abs=1e-3)
 
 

@@ -15,6 +15,7 @@ import slimkit
 from slimkit.data import DataBundle
 from slimkit.errors import ConfigError, SlimkitError
 from slimkit.export import export_onnx
+from slimkit.measure import Target
 from slimkit.methods.quantize import (
     QAT,
     DynamicInt8,
@@ -67,12 +68,12 @@ def test_static_keep_float_and_other_calibrations(trained, digits, tmp_path):
     model, _ = trained("lenet5")
     src = export_onnx(model, tmp_path / "f.onnx", digits.example(2))
     cfg = StaticInt8(calibration_size=64, method="percentile", per_channel=False, keep_float=["fc2"])
-    r = quantize_onnx(src, tmp_path / "q.onnx", cfg, data=digits, model=model, max_seconds=0.05)
+    r = quantize_onnx(src, tmp_path / "q.onnx", cfg, data=digits, model=model, target=Target(threads=1, max_seconds=0.05))
     assert r["int8_ops"]["QLinearConv"] == 2 and r["int8_ops"]["QGemm"] == 1  # fc2 left in float
     assert sum(r["float_ops"].values()) == 1 and list(r["kept_float"]) == ["fc2"]
     assert r["accuracy"]["float"] - r["accuracy"]["int8"] <= TOL_POINTS / 100
     r2 = quantize_onnx(src, tmp_path / "e.onnx", StaticInt8(calibration_size=64, method="entropy"), data=digits,
-                       max_seconds=0.05)
+                       target=Target(threads=1, max_seconds=0.05))
     assert r2["int8_op_count"] >= 4 and r2["agreement"]["top1_agreement"] >= MIN_AGREEMENT
     assert src.stat().st_size == r["onnx_bytes"]["float"]  # the source is left as it was
 

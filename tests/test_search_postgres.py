@@ -51,7 +51,8 @@ def test_two_workers_share_one_study(pg_url, trained, tmp_path):
     assert len(trials) == 4 and sorted(t.number for t in trials) == [0, 1, 2, 3]
     pids = {t.user_attrs["worker"]["pid"] for t in trials}
     assert len(pids) == 2 and os.getpid() not in pids  # both workers ran trials, the parent none
-    assert all(t.state.name == "COMPLETE" for t in trials)
+    assert all(t.state.name == "COMPLETE" for t in trials), [(t.number, t.state.name, t.user_attrs.get("error"))
+                                                            for t in trials if t.state.name != "COMPLETE"]
 
     # the same command with the total wanted: nothing left to run, the results are written
     res = compress(model, "digits", **compress_options(trials=4, **common))

@@ -7,14 +7,14 @@ import pytest
 import torch
 
 from slimkit.errors import ConfigError, SlimkitError
-from slimkit.methods.prune import Unstructured, allocate, prune_, sensitivity
+from slimkit.methods.prune import SensitivityConfig, Unstructured, allocate, prune_, sensitivity
 from slimkit.pipeline import Recipe
 from slimkit.training import evaluate
 
 
 def test_unstructured_sensitivity_measures_each_layer_alone(trained, digits, tmp_path):
     model, _ = trained("lenet300")
-    r = sensitivity(model, digits, "unstructured", [0.5, 0.99], target=0.8, out=tmp_path / "s")
+    r = sensitivity(model, digits, SensitivityConfig("unstructured", [0.5, 0.99], target=0.8), out=tmp_path / "s")
     base = evaluate(model, digits.x_val, digits.y_val)
     assert r["baseline_accuracy"] == base and r["ratios"] == [0.5, 0.99] and set(r["layers"]) == {"fc1", "fc2", "fc3"}
     # the figures are what pruning that one layer really does
@@ -44,7 +44,7 @@ def test_unstructured_sensitivity_measures_each_layer_alone(trained, digits, tmp
 
 def test_structured_sensitivity_prunes_channel_groups(trained, digits):
     model, _ = trained("lenet5")
-    r = sensitivity(model, digits, "structured", [0.25, 0.75], importance="l1")
+    r = sensitivity(model, digits, SensitivityConfig("structured", [0.25, 0.75], importance="l1"))
     assert set(r["layers"]) == {"conv1", "conv2", "fc1"}  # fc2 is the classifier: never pruned
     assert r["layers"]["conv1"]["coupled"] == ["conv1"]
     base = r["baseline_accuracy"]
@@ -97,4 +97,4 @@ def test_sensitivity_bad_input_exits_2_with_a_reason(cli, tmp_path, args, messag
 
 def test_bad_arguments_in_python_too():
     with pytest.raises(ConfigError, match="unknown method"):
-        sensitivity("zoo:lenet300", "digits", "magnitude")
+        sensitivity("zoo:lenet300", "digits", SensitivityConfig("magnitude"))

@@ -11,7 +11,7 @@ from .. import _console, api
 from ..errors import SlimkitError
 from ..measure import Target
 from ..models import ModelRef
-from ..nas import NasSpace, build_latency_table
+from ..nas import NasSpace, TableConfig, build_latency_table
 from ..report import compare_table
 from ..search import Budget, Search, Store
 from ..training import TrainConfig
@@ -46,8 +46,8 @@ def latency_table(
         raise SlimkitError(f"--out {out} already exists; pass --overwrite to replace it, or choose another file.")
     if out.exists() and out.is_dir():
         raise SlimkitError(f"--out {out} is a folder; give a file path such as {out / 'latency_table.json'}.")
-    table = build_latency_table(family, data, target=target, batch=batch, threads=threads, space=space, rounds=rounds,
-                                validate=validate, out=out, seed=seed)
+    table = build_latency_table(family, data, Target(target, (batch,), threads),
+                                TableConfig(space=space, rounds=rounds, validate=validate), out=out, seed=seed)
     d = table.data
     ms, fastest = table.fastest()
     stdout.print(f"{table.describe()}; measured in {d['seconds']:.0f}s")

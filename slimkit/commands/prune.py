@@ -13,7 +13,7 @@ from rich.table import Table
 
 from .. import _console
 from ..errors import SlimkitError
-from ..methods.prune import lottery as _lottery, sensitivity as _sensitivity
+from ..methods.prune import LotteryConfig, SensitivityConfig, lottery as _lottery, sensitivity as _sensitivity
 from ..models import ModelRef
 from ..training import TrainConfig
 from ._app import OVERWRITE, SEED, DataOpt, QuietOpt, command, options, require_model, run_out, stdout
@@ -50,9 +50,8 @@ def sensitivity(
     require_model(model.spec, model.weights, "zoo:lenet300 --weights model.safetensors")
     names = [n.strip() for n in layers.split(",") if n.strip()] if layers else None
     # model.spec is None for a model slimkit saved (its weights alone): the methods resolve that too
-    rep = _sensitivity(model.spec, data, method, _floats(ratios, "--ratios"),  # type: ignore[arg-type]
-                       weights=model.weights, trust_pickle=model.trust_pickle, layers=names,
-                       importance=importance, target=target, out=out, overwrite=overwrite, seed=seed)
+    cfg = SensitivityConfig(method, _floats(ratios, "--ratios"), importance=importance, target=target, layers=names)
+    rep = _sensitivity(model, data, cfg, out=out, overwrite=overwrite, seed=seed)
     if as_json:
         sys.stdout.write(json.dumps(rep) + "\n")
         return
@@ -96,10 +95,8 @@ def lottery(
     """Lottery tickets: iterative magnitude pruning with weight rewinding, and a random-reinit control."""
     _console.set_quiet(quiet)
     require_model(model.spec, model.weights, "zoo:lenet300")
-    cfg = dataclasses.replace(config, epochs=max(config.epochs, 1), seed=seed)
-    res = _lottery(model.spec, data, rounds=rounds, rate=rate,  # type: ignore[arg-type]
-                   rewind_epoch=rewind_epoch, epochs=config.epochs, scope=scope, train=cfg, control=control,
-                   weights=model.weights, trust_pickle=model.trust_pickle, out=out, overwrite=overwrite, seed=seed)
+    rounds_cfg = LotteryConfig(rounds=rounds, rate=rate, rewind_epoch=rewind_epoch, scope=scope, control=control)
+    res = _lottery(model, data, rounds_cfg, train=dataclasses.replace(config, seed=seed), out=out, overwrite=overwrite)
     t = Table(title=f"lottery tickets (rate {rate}, rewind to epoch {rewind_epoch}): test accuracy")
     for col in ("round", "weights remaining", "ticket", "random reinit"):
         t.add_column(col, justify="right")

@@ -6,9 +6,9 @@
 >>> model = create_model("lenet300", input_shape=data.input_shape, num_classes=10)
 >>> count_params(model)["params"]
 50610
->>> report = profile(model, data, target="ort-cpu", batch_sizes=(1, 64), max_seconds=0.5)
+>>> report = profile(model, data, Target("ort-cpu", batch_sizes=(1, 64), max_seconds=0.5))
 >>> sorted(report)  # doctest: +NORMALIZE_WHITESPACE
-['accuracy', 'artifact_bytes', 'batch_sizes', 'layers', 'latency_ms', 'macs', 'nonzero_params',
+['accuracy', 'artifact_bytes', 'batch_sizes', 'latency_ms', 'layers', 'macs', 'nonzero_params',
  'params', 'target', 'threads']
 
 Every figure for ``ort-cpu`` comes from the ONNX artifact itself (its initializers, its graph,
@@ -173,24 +173,32 @@ def layer_profile(
 def profile(
     model: nn.Module | None,
     data: DataBundle,
+    target: Target | str = "ort-cpu",
     *,
-    target: str = "ort-cpu",
-    batch_sizes: Sequence[int] = (1, 64),
-    threads: int | None = None,
     onnx_path: str | Path | None = None,
     split: str = "test",
-    layers: bool = True,
-    max_seconds: float = 2.0,
+    latency: bool = True,
 ) -> dict[str, Any]:
     """Measure a model on a target: the figures ``slimkit profile --json`` prints.
 
-    For ``ort-cpu`` the model is exported to a temporary ONNX file unless ``onnx_path`` is
-    given (then ``model`` may be ``None``). Returns ``params``, ``nonzero_params``, ``macs``,
-    ``artifact_bytes``, ``accuracy`` (on ``split``), ``latency_ms`` (batch size -> median, p90,
-    spread, runs) and ``layers``.
+    ``target``: a :class:`Target` (runtime, batch sizes, threads, time cap, per-layer profile)
+    or a runtime name with the :class:`Target` defaults. For ``ort-cpu`` the model is exported
+    to a temporary ONNX file unless ``onnx_path`` is given (then ``model`` may be ``None``).
+    Returns ``params``, ``nonzero_params``, ``macs``, ``artifact_bytes``, ``accuracy`` (on
+    ``split``), ``latency_ms`` (batch size -> median, p90, spread, runs; none timed with
+    ``latency=False``) and ``layers``.
+
+    >>> from slimkit.data import load_data
+    >>> from slimkit.models import create_model
+    >>> data = load_data("digits")
+    >>> model = create_model("lenet300", input_shape=data.input_shape, num_classes=10)
+    >>> profile(model, data, Target("torch-cpu", batch_sizes=(1,), max_seconds=0.1))["params"]
+    50610
     """
-    return _profile(model, data, target=target, onnx_path=onnx_path, threads=threads, batch_sizes=batch_sizes,
-                    split=split, with_layers=layers, max_seconds=max_seconds)
+    t = Target(target) if isinstance(target, str) else target
+    return _profile(model, data, target=t.runtime, onnx_path=onnx_path, threads=t.threads,
+                    batch_sizes=t.batch_sizes if latency else (), split=split, with_layers=t.layers,
+                    max_seconds=t.max_seconds)
 
 
 def read_onnx(path: str | Path) -> Any:

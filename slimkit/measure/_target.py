@@ -37,9 +37,10 @@ class Target:
               f"unknown target '{self.runtime}'; choose one of {', '.join(target_names())}")
         sizes = tuple(int(b) for b in self.batch_sizes)
         check(bool(sizes) and all(b >= 1 for b in sizes), "batch_sizes",
-              f"batch sizes must be integers >= 1, got {list(self.batch_sizes)}")
+              f"batch sizes must be at least 1, got {list(self.batch_sizes)}")
         object.__setattr__(self, "batch_sizes", sizes)
-        check(self.threads is None or self.threads >= 1, "threads", f"must be >= 1, got {self.threads}")
+        check(self.threads is None or self.threads >= 1, "threads",
+              f"must be >= 1 (the runtime's threads must be at least 1), got {self.threads}")
         check(self.max_seconds > 0, "max_seconds", f"must be > 0 seconds, got {self.max_seconds}")
 
     @property

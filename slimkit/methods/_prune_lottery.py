@@ -28,7 +28,7 @@ from .. import _console, _io
 from ..config import check
 from ..data import DataBundle, resolve_data
 from ..errors import ConfigError
-from ..models import resolve_model, save_model
+from ..models import ModelRef, resolve_model, save_model
 from ..training import TrainConfig, evaluate, fit
 from ._prune_masks import MaskHook, apply_masks_, compute_masks_, masks_of, prunable_layers, set_masks, sparsity_report
 
@@ -60,52 +60,72 @@ def _reinit_(model: nn.Module) -> None:
             m.reset_parameters()
 
 
+@dataclass(frozen=True)
+class LotteryConfig:
+    """The pruning rounds of :func:`lottery`.
+
+    ``rounds`` of pruning ``rate`` of the remaining weights (``scope`` ``global``: one
+    magnitude threshold; ``layer``: each layer loses the same fraction), so ``(1 - rate) **
+    rounds`` of the weights remain at the end. ``rewind_epoch``: the epoch whose weights a
+    ticket rewinds to (0: the initialisation). ``control``: also train the random-reinit
+    control each round.
+
+    >>> LotteryConfig(rounds=2, rate=0.5).rate
+    0.5
+    """
+
+    rounds: int = 8
+    rate: float = 0.2
+    rewind_epoch: int = 1
+    scope: str = "global"
+    control: bool = True
+
+    def __post_init__(self) -> None:
+        check(self.rounds >= 1, "rounds", f"must be >= 1, got {self.rounds}")
+        check(0 < self.rate < 1, "rate",
+              f"must be in (0, 1) (the fraction of remaining weights pruned each round), got {self.rate}")
+        check(self.rewind_epoch >= 0, "rewind_epoch", f"must be >= 0, got {self.rewind_epoch}")
+        check(self.scope in ("global", "layer"), "scope", f"got '{self.scope}'; choose one of global, layer")
+
+
 def lottery(
-    model: nn.Module | str,
+    model: nn.Module | str | ModelRef,
     data: DataBundle | str = "digits",
+    config: LotteryConfig | None = None,
     *,
-    rounds: int = 8,
-    rate: float = 0.2,
-    rewind_epoch: int = 1,
-    epochs: int = 10,
-    scope: str = "global",
     train: TrainConfig | None = None,
-    control: bool = True,
-    weights: str | Path | None = None,
-    trust_pickle: bool = False,
     out: str | Path | None = None,
     overwrite: bool = False,
-    seed: int = 0,
 ) -> LotteryResult:
     """Iterative magnitude pruning with weight rewinding, plus the random-reinit control each round.
 
-    ``rounds`` of pruning ``rate`` of the remaining weights (``scope`` ``global`` or
-    ``layer``), so ``(1 - rate) ** rounds`` of the weights remain at the end. ``epochs``:
-    the full training budget (``train`` sets the rest: lr, batch size, optimizer...);
-    ``rewind_epoch``: the epoch whose weights a ticket rewinds to (0: the initialisation).
-    The model starts from its random initialisation (seeded), or from ``weights``.
+    ``config``: the rounds, the rate, the rewind epoch, the scope and the control
+    (:class:`LotteryConfig`). ``train``: how every network trains; its ``epochs`` is the full
+    training budget (a ticket trains ``epochs - rewind_epoch``) and its ``seed`` seeds the
+    split, the initialisation and the training. The model starts from its random
+    initialisation (seeded), or from its weights (a :class:`~slimkit.models.ModelRef`).
 
     With ``out``: ``lottery.json`` (per round: fraction of weights remaining, test accuracy of
     the ticket and of the control), ``lottery.png``, ``model.safetensors`` (the final trained
     ticket) and ``ticket.safetensors`` (the final mask applied to the rewound weights: the
     ticket before training).
 
-    >>> res = lottery("zoo:lenet300", "digits", rounds=2, epochs=2, rewind_epoch=0)  # doctest: +SKIP
+    >>> res = lottery("zoo:lenet300", "digits", LotteryConfig(rounds=2, rewind_epoch=0),
+    ...               train=TrainConfig(epochs=2))  # doctest: +SKIP
     >>> [r["remaining"] for r in res.report["rounds"]]  # doctest: +SKIP
     [1.0, 0.8, 0.64]
     """
-    cfg = dataclasses.replace(train, epochs=epochs, seed=seed) if train is not None else TrainConfig(epochs=epochs, seed=seed)
-    check(rounds >= 1, "rounds", f"must be >= 1, got {rounds}")
-    check(0 < rate < 1, "rate", f"must be in (0, 1) (the fraction of remaining weights pruned each round), got {rate}")
+    lt = config or LotteryConfig()
+    cfg = train or TrainConfig()
+    rounds, rate, rewind_epoch, scope, control = lt.rounds, lt.rate, lt.rewind_epoch, lt.scope, lt.control
+    epochs, seed = cfg.epochs, cfg.seed
     check(epochs >= 1, "epochs", f"must be >= 1, got {epochs}")
-    check(0 <= rewind_epoch < epochs, "rewind_epoch", f"must be in [0, epochs) = [0, {epochs}), got {rewind_epoch}")
-    if scope not in ("global", "layer"):
-        raise ConfigError(f"got '{scope}'; choose one of global, layer", field="scope")
+    check(rewind_epoch < epochs, "rewind_epoch", f"must be in [0, epochs) = [0, {epochs}), got {rewind_epoch}")
+    weights = model.weights if isinstance(model, ModelRef) else None
     bundle = resolve_data(data, seed)
     out_dir = _io.prepare_out_dir(out, overwrite=overwrite, inputs=[weights]) if out is not None else None
     torch.manual_seed(seed)
-    net = resolve_model(model if isinstance(model, str) else copy.deepcopy(model), bundle, weights=weights,
-                        trust_pickle=trust_pickle)
+    net = resolve_model(copy.deepcopy(model) if isinstance(model, nn.Module) else model, bundle)
     targets = list(prunable_layers(net))
     t0 = time.perf_counter()
 
@@ -149,7 +169,7 @@ def lottery(
                       + (f", random reinit {control_acc:.4f}" if control_acc is not None else ""))
 
     report = {
-        "model": model if isinstance(model, str) else type(model).__name__,
+        "model": _model_name(model),
         "data": bundle.name, "rounds": rows, "rate": rate, "rewind_epoch": rewind_epoch, "epochs": epochs,
         "ticket_epochs": epochs - rewind_epoch, "control_epochs": epochs if control else None,
         "scope": scope, "pruned_layers": targets, "seconds": round(time.perf_counter() - t0, 1),
@@ -165,6 +185,13 @@ def lottery(
                            "model": str(out_dir / "model.safetensors"), "ticket": str(out_dir / "ticket.safetensors")}
         _io.write_json(out_dir / "lottery.json", report)
     return LotteryResult(net, report)
+
+
+def _model_name(model: nn.Module | str | ModelRef) -> str | None:
+    """What the report calls the model: its spec, a reference's name, or the module's class."""
+    if isinstance(model, ModelRef):
+        return model.name
+    return model if isinstance(model, str) else type(model).__name__
 
 
 def plot_lottery(report: dict[str, Any], path: str | Path) -> Path:

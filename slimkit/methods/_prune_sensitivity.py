@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +19,11 @@ import yaml
 from torch import nn
 
 from .. import _console, _io
+from ..config import check
 from ..data import DataBundle, resolve_data
 from ..errors import ConfigError, SlimkitError
 from ..layers import LayerSelection, match_names
-from ..models import resolve_model
+from ..models import ModelRef, resolve_model
 from ..training import evaluate
 from ._prune_masks import _keep_mask, prunable_layers
 from ._prune_structured import IMPORTANCES, channel_groups, classifier_of, prune_channels_
@@ -37,46 +39,62 @@ def check_ratios(ratios: Sequence[float]) -> tuple[float, ...]:
     return ratios
 
 
+@dataclass(frozen=True)
+class SensitivityConfig:
+    """What :func:`sensitivity` measures.
+
+    ``method``: ``unstructured`` (magnitude, the layer's weights) or ``structured`` (the
+    layer's output channels with everything coupled to them; ``importance`` ranks them).
+    ``ratios``: the pruning ratios tried per layer, each in [0, 1). ``target``: a global ratio
+    (fraction of the analysed weights removed) to allocate per layer (``None``: no
+    allocation). ``layers``: names or glob patterns to analyse (``None``: all).
+
+    >>> SensitivityConfig("structured", [0.5, 0.2], importance="l1").ratios
+    (0.2, 0.5)
+    """
+
+    method: str = "unstructured"
+    ratios: Sequence[float] = DEFAULT_RATIOS
+    importance: str = "l2"
+    target: float | None = None
+    layers: Sequence[str] | None = None
+
+    def __post_init__(self) -> None:
+        check(self.method in METHODS, "method", f"unknown method '{self.method}'; choose one of {', '.join(METHODS)}")
+        check(self.importance in IMPORTANCES, "importance",
+              f"unknown importance '{self.importance}'; choose one of {', '.join(IMPORTANCES)}")
+        object.__setattr__(self, "ratios", check_ratios(self.ratios))
+        check(self.target is None or 0 < self.target < 1, "target", f"target must be in (0, 1), got {self.target}")
+        if self.layers is not None:
+            object.__setattr__(self, "layers", tuple(self.layers))
+
+
 def sensitivity(
-    model: nn.Module | str,
+    model: nn.Module | str | ModelRef,
     data: DataBundle | str = "digits",
-    method: str = "unstructured",
-    ratios: Sequence[float] = DEFAULT_RATIOS,
+    config: SensitivityConfig | None = None,
     *,
-    weights: str | Path | None = None,
-    trust_pickle: bool = False,
-    layers: Sequence[str] | None = None,
-    importance: str = "l2",
-    target: float | None = None,
     out: str | Path | None = None,
     overwrite: bool = False,
     seed: int = 0,
 ) -> dict[str, Any]:
     """Prune each layer alone at each ratio (no fine-tune) and measure validation accuracy.
 
-    ``method``: ``unstructured`` (magnitude, the layer's weights) or ``structured`` (the
-    layer's output channels with everything coupled to them; ``importance`` ranks them).
-    ``layers``: names or glob patterns to analyse (default: all). ``target``: a global ratio
-    (fraction of the analysed weights removed); the result's ``allocation`` then holds
-    per-layer ratios reaching it while sparing sensitive layers, and ``recipe`` the step that
-    applies them. With ``out``, writes ``sensitivity.json`` and ``sensitivity.png`` there (and
-    ``recipe.yaml`` with that step, for ``slimkit apply``).
+    ``config`` (:class:`SensitivityConfig`): the method, the ratios, the importance, the layers
+    and the global ``target``; with a target, the result's ``allocation`` holds per-layer ratios
+    reaching it while sparing sensitive layers, and ``recipe`` the step that applies them. With
+    ``out``, writes ``sensitivity.json`` and ``sensitivity.png`` there (and ``recipe.yaml``
+    with that step, for ``slimkit apply``). ``seed``: the train/val/test split.
 
-    >>> r = sensitivity("zoo:lenet300", "digits", "unstructured", [0.5, 0.9], target=0.7)  # doctest: +SKIP
+    >>> r = sensitivity("zoo:lenet300", "digits", SensitivityConfig("unstructured", [0.5, 0.9], target=0.7))  # doctest: +SKIP
     >>> r["layers"]["fc1"]["accuracy"], r["allocation"]["ratios"]  # doctest: +SKIP
     """
-    if method not in METHODS:
-        raise ConfigError(f"unknown method '{method}'; choose one of {', '.join(METHODS)}", field="method")
-    if importance not in IMPORTANCES:
-        raise ConfigError(f"unknown importance '{importance}'; choose one of {', '.join(IMPORTANCES)}",
-                          field="importance")
-    ratios = check_ratios(ratios)
-    if target is not None and not 0 < target < 1:
-        raise ConfigError(f"target must be in (0, 1), got {target}", field="target")
+    cfg = config or SensitivityConfig()
+    method, ratios, importance, target, layers = cfg.method, tuple(cfg.ratios), cfg.importance, cfg.target, cfg.layers
+    weights = model.weights if isinstance(model, ModelRef) else None
     bundle = resolve_data(data, seed)
     out_dir = _io.prepare_out_dir(out, overwrite=overwrite, inputs=[weights]) if out is not None else None
-    net = resolve_model(model if isinstance(model, str) else copy.deepcopy(model), bundle, weights=weights,
-                        trust_pickle=trust_pickle).eval()
+    net = resolve_model(copy.deepcopy(model) if isinstance(model, nn.Module) else model, bundle).eval()
     base = evaluate(net, bundle.x_val, bundle.y_val)
     example = bundle.example(2, split="train")
     t0 = time.perf_counter()

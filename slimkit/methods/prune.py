@@ -7,8 +7,8 @@ Top level API::
     prune_(model, Structured(ratio=0.3, importance="l2"), example=x)   # remove channels for real
     MaskHook.of(model)         # a fit() hook keeping the masks applied while fine-tuning
     finalize_(model)           # drop the masks (the zeros stay); per-layer non-zero counts
-    sensitivity(model, data, "unstructured", ratios)   # prune each layer alone, no fine-tune
-    lottery(model, data, rounds=8, rate=0.2, rewind_epoch=1)   # IMP with rewinding + random control
+    sensitivity(model, data, SensitivityConfig("unstructured", ratios))   # prune each layer alone, no fine-tune
+    lottery(model, data, LotteryConfig(rounds=8, rate=0.2, rewind_epoch=1))   # IMP with rewinding + random control
 
 >>> from slimkit.models import create_model
 >>> model = create_model("lenet300", input_shape=(1, 8, 8), num_classes=10)
@@ -46,8 +46,8 @@ from ._prune_masks import (
     resolve_targets,
     sparsity_report,
 )
-from ._prune_lottery import LotteryResult, lottery, plot_lottery
-from ._prune_sensitivity import allocate, plot_sensitivity, sensitivity
+from ._prune_lottery import LotteryConfig, LotteryResult, lottery, plot_lottery
+from ._prune_sensitivity import SensitivityConfig, allocate, plot_sensitivity, sensitivity
 from ._prune_structured import IMPORTANCES, prune_channels_
 from ._prune_sparse import csr_bytes, load_csr, save_csr, sparse_onnx
 
@@ -65,9 +65,11 @@ __all__ = [
     "csr_bytes",
     "StoreSparse",
     "sensitivity",
+    "SensitivityConfig",
     "allocate",
     "plot_sensitivity",
     "lottery",
+    "LotteryConfig",
     "LotteryResult",
     "plot_lottery",
 ]

@@ -15,7 +15,7 @@
 
 >>> from slimkit.nas import NasSpace, build_latency_table, nas  # doctest: +SKIP
 >>> from slimkit.search import Budget, Search  # doctest: +SKIP
->>> table = build_latency_table("mobilenetv2", "digits", target="ort-cpu", batch=1)  # doctest: +SKIP
+>>> table = build_latency_table("mobilenetv2", "digits", "ort-cpu")  # doctest: +SKIP
 >>> res = nas(NasSpace("mobilenetv2", latency_table=table), "digits",
 ...           budget=Budget(max_latency_ms=0.3, max_accuracy_drop=None), search=Search(trials=10))  # doctest: +SKIP
 """
@@ -27,9 +27,9 @@ from ._options import NasSpace
 from ._search import NasResult, nas, nas_worker
 from ._space import Family, Space, arch_summary, family_names, get_family, load_space, register_family
 from ._supernet import Supernet, evaluate_subnet, train_supernet
-from ._table import LatencyTable, build_latency_table, relative_error
+from ._table import LatencyTable, TableConfig, build_latency_table, relative_error
 
 __all__ = ["nas", "nas_worker", "NasSpace", "NasResult", "NasObjective", "proxy_recipe", "Family", "Space",
            "register_family", "get_family", "family_names", "load_space", "arch_summary", "LatencyTable",
-           "build_latency_table", "relative_error", "block_plan", "onnx_chain", "ParetoStop", "RecalibrateBN",
+           "TableConfig", "build_latency_table", "relative_error", "block_plan", "onnx_chain", "ParetoStop", "RecalibrateBN",
            "recalibrate_bn", "weight_kb", "Supernet", "train_supernet", "evaluate_subnet"]

@@ -42,7 +42,7 @@ from ._objective import MAX_REJECTED_IN_A_ROW, NasObjective, StopWhenTrained, re
 from ._options import NasSpace
 from ._results import NAS_FILES, write_nas_results
 from ._space import Family, Space, arch_summary, get_family, load_space
-from ._table import LatencyTable, build_latency_table
+from ._table import LatencyTable, TableConfig, build_latency_table
 
 __all__ = ["nas", "nas_worker", "NasResult", "TABLE_ATTR"]
 
@@ -87,7 +87,7 @@ def resolve_table(table: LatencyTable | str | Path | None, stored: dict[str, Any
             if not t.mismatches(**need):
                 _console.info(f"using the latency table in {path}")
                 return t
-    return build_latency_table(fam, bundle, target=target, batch=batch, threads=threads, space=space, rounds=rounds,
+    return build_latency_table(fam, bundle, Target(target, (batch,), threads), TableConfig(space=space, rounds=rounds),
                                out=path, seed=seed)
 
 

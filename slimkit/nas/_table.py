@@ -27,8 +27,8 @@ median of a chunk of calls after two discarded warm-up calls); a figure is the m
 rounds, and a following block's difference is taken within each round (paired) before the
 median, so a slow drift of a loaded machine hits both terms alike.
 
->>> table = build_latency_table("mobilenetv2", "digits", target="ort-cpu", batch=1,
-...                             space={"width": [0.5]}, rounds=3)  # doctest: +SKIP
+>>> table = build_latency_table("mobilenetv2", "digits", Target("ort-cpu", batch_sizes=(1,)),
+...                             TableConfig(space={"width": [0.5]}, rounds=3))  # doctest: +SKIP
 >>> table.predict(table.space.smallest())["ms"]  # doctest: +SKIP
 0.21
 """
@@ -47,6 +47,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -57,15 +58,16 @@ from torch import nn
 from .. import _console, _io
 from .._provenance import run_info
 from ..data import DataBundle, resolve_data
-from ..errors import SlimkitError
+from ..config import check
+from ..errors import ConfigError, SlimkitError
 from ..export import export_onnx, fold_batchnorm
-from ..measure import default_threads
+from ..measure import Target
 from ..measure.backends import get_backend
 from ..measure.timing import interleaved
 from ._chain import block_plan, onnx_chain
 from ._space import Arch, Family, Space, get_family, load_space
 
-__all__ = ["LatencyTable", "build_latency_table", "relative_error", "CHAIN_COPIES"]
+__all__ = ["LatencyTable", "TableConfig", "build_latency_table", "relative_error", "CHAIN_COPIES"]
 
 FORMAT = 1
 CHAIN_COPIES = 4  # following blocks chained after the first to measure one by difference
@@ -238,43 +240,63 @@ def _product(lists: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
     return list(itertools.product(*lists)) if lists else [()]
 
 
+@dataclass(frozen=True)
+class TableConfig:
+    """What :func:`build_latency_table` measures and how long it times.
+
+    ``space``: the family's default space (``None``), a narrower one (a :class:`Space`, data
+    or a YAML file; a mapping with only some keys, e.g. ``{"width": [0.5]}``, narrows the
+    default). ``rounds``: interleaved timing rounds; ``chunk_s``: seconds of calls per session
+    and round. ``validate``: a number of random architectures of the space (or a list of them)
+    exported and timed whole in the same rounds, to report how well the table predicts them.
+
+    >>> TableConfig(space={"width": [0.5]}, rounds=3).rounds
+    3
+    """
+
+    space: Space | dict[str, Any] | str | Path | None = None
+    rounds: int = 7
+    chunk_s: float = 0.05
+    validate: int | Sequence[Arch] = 0
+
+    def __post_init__(self) -> None:
+        check(self.rounds >= 1, "rounds", f"must be >= 1, got {self.rounds}")
+        check(self.chunk_s > 0, "chunk_s", f"must be > 0 seconds, got {self.chunk_s}")
+        check(not isinstance(self.validate, int) or self.validate >= 0, "validate",
+              f"must be >= 0 architectures, got {self.validate}")
+
+
 def build_latency_table(
     family: str | Family,
     data: DataBundle | str = "digits",
+    target: Target | str = "ort-cpu",
+    config: TableConfig | None = None,
     *,
-    target: str = "ort-cpu",
-    batch: int = 1,
-    threads: int | None = None,
-    space: Space | dict[str, Any] | str | Path | None = None,
-    rounds: int = 7,
-    chunk_s: float = 0.05,
-    validate: int | Sequence[Arch] = 0,
     validation_dir: str | Path | None = None,
     out: str | Path | None = None,
     seed: int = 0,
 ) -> LatencyTable:
     """Measure every block configuration of ``family``'s space once on ``target`` (see the module doc).
 
-    ``space``: the family's default space, a narrower one (data or a YAML file; a mapping with
-    only some keys, e.g. ``{"width": [0.5]}``, narrows the default), ``rounds``: interleaved
-    timing rounds. ``validate``: a number of random architectures of the space (or a list of
-    them) exported and timed whole in the same rounds, to report how well the table predicts
-    them (``data["validation"]``; their ONNX files are kept in ``validation_dir`` if given).
-    With ``out``, the table is written there (JSON, atomically).
+    ``target``: the runtime, the one batch size and the threads (a runtime name: batch 1, this
+    machine's cores); ``config`` (:class:`TableConfig`): the space, the timing rounds and the
+    validation architectures, reported in ``data["validation"]`` (their ONNX files are kept in
+    ``validation_dir`` if given). With ``out``, the table is written there (JSON, atomically).
 
-    >>> table = build_latency_table("mobilenetv2", "digits", space={"width": [0.5]}, rounds=3)  # doctest: +SKIP
+    >>> table = build_latency_table("mobilenetv2", "digits", "ort-cpu",
+    ...                             TableConfig(space={"width": [0.5]}, rounds=3))  # doctest: +SKIP
     >>> sorted(table.data["fixed_ms"])  # doctest: +SKIP
     ['0.5']
     """
     fam = family if isinstance(family, Family) else get_family(family)
-    backend = get_backend(target)
-    if int(batch) < 1:
-        raise SlimkitError(f"--batch must be at least 1, got {batch}.")
-    if rounds < 1:
-        raise SlimkitError(f"--rounds must be at least 1, got {rounds}.")
-    threads = int(threads or default_threads())
-    if threads < 1:
-        raise SlimkitError(f"--threads must be at least 1, got {threads}.")
+    tgt = Target(target, batch_sizes=(1,)) if isinstance(target, str) else target
+    cfg = config or TableConfig()
+    if len(tgt.batch_sizes) != 1:
+        raise ConfigError(f"a latency table is measured at one batch size; got {list(tgt.batch_sizes)}.",
+                          field="batch_sizes")
+    backend = get_backend(tgt.runtime)
+    runtime, batch, threads = tgt.runtime, tgt.batch_sizes[0], tgt.resolved_threads
+    space, rounds, chunk_s, validate = cfg.space, cfg.rounds, cfg.chunk_s, cfg.validate
     sp = load_space(fam, space)
     bundle = resolve_data(data)
     input_shape, num_classes = tuple(bundle.input_shape), int(bundle.num_classes)
@@ -308,7 +330,7 @@ def build_latency_table(
     with tempfile.TemporaryDirectory(prefix="slimkit-latency-table-") as tmpdir:
         tmp = Path(tmpdir)
         archs = [a for w in sp.width for a in _reference_archs(sp, w)]
-        _console.info(f"latency table for {fam.name} on {target} (batch {batch}, {threads} threads, input "
+        _console.info(f"latency table for {fam.name} on {runtime} (batch {batch}, {threads} threads, input "
                       f"{'x'.join(map(str, input_shape))}): exporting {len(archs)} reference networks")
         with _console.progress() as bar:
             task = bar.add_task("reference networks", total=len(archs), info="")
@@ -427,7 +449,7 @@ def build_latency_table(
         "family": fam.name,
         "space": sp.to_data(),
         "space_digest": sp.digest(),
-        "target": target,
+        "target": runtime,
         "batch": int(batch),
         "threads": threads,
         "input_shape": list(input_shape),
@@ -442,7 +464,7 @@ def build_latency_table(
         "validation": None,
         "seconds": round(time.perf_counter() - t_start, 1),
         "machine_load": _loadavg(),
-        **run_info(target, threads),
+        **run_info(runtime, threads),
         "measured": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     })
     if val_sessions:

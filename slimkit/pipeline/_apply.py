@@ -46,12 +46,6 @@ class ApplyResult:
     _scratch: tempfile.TemporaryDirectory[str] | None = field(default=None, repr=False, compare=False)
 
 
-def _measure(model: nn.Module | None, data: DataBundle, target: Target, threads: int, *,
-             onnx_path: Path | None = None, split: str = "test") -> dict[str, Any]:
-    return measure_profile(model, data, target=target.runtime, batch_sizes=target.batch_sizes, threads=threads,
-                           onnx_path=onnx_path, max_seconds=target.max_seconds, layers=target.layers, split=split)
-
-
 def apply_recipe(
     recipe: Recipe,
     model: nn.Module,
@@ -76,7 +70,7 @@ def apply_recipe(
     measured_before = None
     if baseline:
         with _console.status(f"measuring the baseline on {target.runtime}"):
-            measured_before = _measure(model, data, target, threads)
+            measured_before = measure_profile(model, data, target)
     workdir = Path(tempfile.mkdtemp(prefix=".slimkit-work-", dir=out))
     scratch = None
     try:
@@ -89,8 +83,8 @@ def apply_recipe(
             ctx.reports.append({"step": "export (automatic)", **export_step(ctx)})
         assert ctx.onnx_path is not None
         with _console.status(f"measuring the result on {target.runtime}"):
-            result = _measure(net if target.runtime != "ort-cpu" else None, data, target, threads,
-                              onnx_path=ctx.onnx_path, split=split)
+            result = measure_profile(net if target.runtime != "ort-cpu" else None, data, target,
+                                     onnx_path=ctx.onnx_path, split=split)
         report = {
             "data": data.name,
             "batch_sizes": list(target.batch_sizes),

@@ -24,7 +24,7 @@ from typing import Any
 from .. import _console, _io
 from .._provenance import run_info
 from ..errors import NoFeasibleTrialError
-from ..measure import profile
+from ..measure import Target, profile
 from ..measure.timing import medians, side_by_side
 from ..models import load_model
 from ..pipeline import Recipe, recipe_summary
@@ -124,9 +124,9 @@ def _measure_test(session: Session, folder: Path, *, onnx: str = "model.onnx", w
     if cfg.target != "ort-cpu":
         model = load_model(weights=folder / weights, input_shape=session.data.input_shape,
                            num_classes=session.data.num_classes)
-    return profile(model, session.data, target=cfg.target, threads=cfg.threads, batch_sizes=batch_sizes,
-                   onnx_path=folder / onnx if cfg.target == "ort-cpu" else None, split="test",
-                   layers=layers, max_seconds=max(cfg.max_seconds, 1.0))
+    target = Target(cfg.target, tuple(batch_sizes) or (1,), cfg.threads, max(cfg.max_seconds, 1.0), layers=layers)
+    return profile(model, session.data, target, onnx_path=folder / onnx if cfg.target == "ort-cpu" else None,
+                   split="test", latency=bool(batch_sizes))
 
 
 def baseline_test(baseline: dict[str, Any]) -> dict[str, Any]:

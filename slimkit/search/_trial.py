@@ -37,7 +37,7 @@ from .. import _console, _io
 from ..data import DataBundle, load_data
 from ..errors import SlimkitError
 from ..export import export_onnx
-from ..measure import profile
+from ..measure import Target, profile
 from ..models import load_model, resolve_model
 from ..pipeline import ApplyResult, Recipe, apply_recipe, get_step, step_names
 from ._options import Budget
@@ -137,10 +137,10 @@ def measure_baseline(model: nn.Module, data: DataBundle, record: SearchRecord, w
     onnx_path = None
     if record.target == "ort-cpu":
         onnx_path = export_onnx(model, workdir / "baseline.onnx", data.example(2))
-    common: dict[str, Any] = dict(target=record.target, threads=record.threads, onnx_path=onnx_path)
-    val = profile(model, data, batch_sizes=record.batch_sizes, split="val", layers=True,
-                  max_seconds=max(record.max_seconds, 1.0), **common)
-    test = profile(model, data, batch_sizes=(), split="test", layers=False, **common)
+    target = Target(record.target, tuple(record.batch_sizes), record.threads, max(record.max_seconds, 1.0))
+    val = profile(model, data, target, onnx_path=onnx_path, split="val")
+    test = profile(model, data, Target(record.target, threads=record.threads, layers=False), onnx_path=onnx_path,
+                   split="test", latency=False)
     return {"val": val, "test_accuracy": test["accuracy"]}
 
 

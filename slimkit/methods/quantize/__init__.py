@@ -18,11 +18,12 @@ after its own optimisations (``QLinearConv``, ``QGemm``, ...), which proves int8
 >>> from slimkit.data import load_data
 >>> from slimkit.models import create_model
 >>> from slimkit.export import export_onnx
+>>> from slimkit.measure import Target
 >>> data = load_data("digits")
 >>> model = create_model("lenet5", input_shape=data.input_shape, num_classes=10)
 >>> path = export_onnx(model, "/tmp/lenet5-float.onnx", data.example(2))
 >>> report = quantize_onnx(path, "/tmp/lenet5-int8.onnx", StaticInt8(calibration_size=64), data=data,
-...                        max_seconds=0.2)
+...                        target=Target(threads=1, max_seconds=0.2))
 >>> report["int8_ops"]["QLinearConv"], isinstance(report["faster"], bool)
 (2, True)
 """

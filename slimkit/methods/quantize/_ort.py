@@ -20,6 +20,7 @@ from ... import _console, _io
 from ...data import DataBundle
 from ...errors import ConfigError, ExportError, SlimkitError
 from ...export import ort_predict, ort_session, parity
+from ...measure import Target
 from ...measure._graph import module_of_node
 from ...measure.timing import medians, side_by_side
 from ...pipeline import Context, SpeedVerdict, export_step
@@ -37,6 +38,8 @@ INT8_KERNELS = frozenset({
 })
 # Float compute kernels: what is left of them after quantization is shown next to the integer ones.
 FLOAT_KERNELS = frozenset({"Conv", "FusedConv", "Gemm", "FusedGemm", "MatMul", "FusedMatMul", "NchwcConv"})
+# Where quantize_onnx measures by default: one ORT thread, batch sizes 1 and 64, 1 s per batch size.
+QUANTIZE_TARGET = Target("ort-cpu", (1, 64), threads=1, max_seconds=1.0)
 
 
 @contextlib.contextmanager
@@ -256,9 +259,7 @@ def quantize_onnx(
     *,
     data: DataBundle,
     model: nn.Module | None = None,
-    threads: int = 1,
-    batch_sizes: Sequence[int] = (1, 64),
-    max_seconds: float = 1.0,
+    target: Target = QUANTIZE_TARGET,
     parity_samples: int = 512,
     range_overrides: dict[str, tuple[float, float]] | None = None,
 ) -> dict[str, Any]:
@@ -267,6 +268,8 @@ def quantize_onnx(
     ``config``: :class:`StaticInt8` (calibrated on ``data``) or :class:`DynamicInt8` (ORT's
     dynamic quantization). ``model``: the torch model ``src`` was exported from; top-1 agreement
     is measured against it (else against ``src``), and ``keep_float`` names are checked on it.
+    ``target``: the ONNX Runtime threads, and the batch sizes and time cap of the side-by-side
+    timing (default: 1 thread, batch sizes 1 and 64, 1 s).
     ``range_overrides``: ``{tensor name: (min, max)}`` activation ranges to use instead of the
     calibrated ones (quantization-aware training passes its learned ranges).
 
@@ -280,13 +283,15 @@ def quantize_onnx(
     >>> data = load_data("digits")
     >>> model = create_model("lenet300", input_shape=data.input_shape, num_classes=10)
     >>> src = export_onnx(model, "/tmp/mlp.onnx", data.example(2))
-    >>> r = quantize_onnx(src, "/tmp/mlp-dyn.onnx", DynamicInt8(), data=data, max_seconds=0.2)
+    >>> r = quantize_onnx(src, "/tmp/mlp-dyn.onnx", DynamicInt8(), data=data,
+    ...                   target=Target(threads=1, max_seconds=0.2))
     >>> r["int8_ops"]
     {'DynamicQuantizeMatMul': 3}
     """
     import onnx
 
     src, dst = Path(src), Path(dst)
+    threads = target.resolved_threads
     if not src.is_file():
         raise SlimkitError(f"ONNX file {src} does not exist.")
     if dst.resolve() == src.resolve():
@@ -332,8 +337,8 @@ def quantize_onnx(
         "agreement": agreement,
     }
     report["accuracy_drop"] = round(report["accuracy"]["float"] - report["accuracy"]["int8"], 6)
-    report.update(speed_report(compare_latency({"float": src, "int8": dst}, data, batch_sizes, threads=threads,
-                                               max_seconds=max_seconds)))
+    report.update(speed_report(compare_latency({"float": src, "int8": dst}, data, target.batch_sizes, threads=threads,
+                                               max_seconds=target.max_seconds)))
     if not ops_int:
         _console.info("  [yellow]no integer kernel runs in ONNX Runtime's optimised graph[/yellow]")
     return report
@@ -350,8 +355,9 @@ def onnx_step(ctx: Context, cfg: StaticInt8 | DynamicInt8, step: str, overrides:
         float_path = ctx.onnx_path
     assert float_path is not None  # export_step set it
     dst = ctx.new_path("model-int8")
-    report.update(quantize_onnx(float_path, dst, cfg, data=ctx.data, model=ctx.model, threads=ctx.threads,
-                                batch_sizes=ctx.batch_sizes, max_seconds=ctx.max_seconds, range_overrides=overrides))
+    target = Target("ort-cpu", ctx.batch_sizes, ctx.threads, ctx.max_seconds)
+    report.update(quantize_onnx(float_path, dst, cfg, data=ctx.data, model=ctx.model, target=target,
+                                range_overrides=overrides))
     agree = report["agreement"]["top1_agreement"]
     if agree < cfg.min_agreement:
         raise ExportError(
