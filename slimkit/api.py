@@ -74,6 +74,11 @@ def train(
     _console.info(f"training on {bundle.describe()}")
     report = fit(net, bundle, cfg)
     test_acc = evaluate(net, bundle.x_test, bundle.y_test)
+    kept_initial = cfg.epochs > 0 and report["best_epoch"] == 0
+    if kept_initial:
+        _console.info(f"[yellow]no epoch beat the initial weights[/yellow] (validation accuracy "
+                      f"{report['best_val_accuracy']:.4f} before training): kept the initial weights. Train longer "
+                      "(--epochs), with another --lr, or check the data.")
     result = {
         "model": model if isinstance(model, str) else type(model).__name__,
         "data": bundle.name,
@@ -81,6 +86,7 @@ def train(
         "val_accuracy": report["best_val_accuracy"],
         "epochs": report["epochs_run"],
         "best_epoch": report["best_epoch"],
+        "kept_initial_weights": kept_initial,
         "seconds": round(report["seconds"], 2),
         "config": dataclasses.asdict(cfg),
         "history": report["history"],

@@ -7,7 +7,7 @@ with code 2, without a traceback. Anything else is a bug in slimkit and keeps it
 
 from __future__ import annotations
 
-__all__ = ["SlimkitError", "ConfigError", "ExportError", "NoFeasibleTrialError"]
+__all__ = ["SlimkitError", "ConfigError", "ExportError", "NotMetError", "NoFeasibleTrialError"]
 
 
 class SlimkitError(Exception):
@@ -53,7 +53,14 @@ class ExportError(SlimkitError):
         super().__init__(message)
 
 
-class NoFeasibleTrialError(SlimkitError):
-    """A search finished without any trial that meets the budget (exit code 3)."""
+class NotMetError(SlimkitError):
+    """The command ran and wrote its results, but what the user asked for was not met (exit code 3).
+
+    The message says what was not met, with the measured figures, and what to change.
+    """
 
     exit_code = 3
+
+
+class NoFeasibleTrialError(NotMetError):
+    """A search finished without any trial that meets the budget (exit code 3)."""

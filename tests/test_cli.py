@@ -142,3 +142,13 @@ def test_demo_runs_twice(cli, tmp_path):
     res = json.loads((tmp_path / "demo" / "result.json").read_text())
     assert res["result"]["accuracy"] > 0.5 and (tmp_path / "demo" / "best.onnx").exists()
     assert res["trials"]["total"] == 2 and "report.html" in r.err + r.out  # a fresh search each time
+
+
+def test_train_that_never_beats_the_initial_weights_says_so_and_exits_3(cli, tmp_path):
+    """No silent no-op: the weights written are the initial ones, and the command says it (exit 3)."""
+    r = cli("train", "--model", "zoo:lenet300", "--epochs", "1", "--lr", "1e-9", "--out", tmp_path / "t")
+    assert r.code == 3, r
+    assert "did not improve on the initial weights" in r.err and "--epochs" in r.err
+    rep = json.loads((tmp_path / "t" / "train.json").read_text())
+    assert rep["kept_initial_weights"] is True and rep["best_epoch"] == 0
+    assert (tmp_path / "t" / "model.safetensors").is_file()

@@ -13,7 +13,7 @@ from rich.table import Table
 
 from .. import _console
 from .. import api
-from ..errors import SlimkitError
+from ..errors import NotMetError, SlimkitError
 from ..measure import Target
 from ..models import ModelRef
 from ..pipeline import Recipe, get_step, step_names
@@ -45,6 +45,10 @@ def train(
     r = res.report
     stdout.print(f"test accuracy {r['test_accuracy']:.4f} after {r['epochs']} epochs ({r['seconds']:.1f}s); "
                  f"wrote {out}/model.safetensors and {out}/train.json")
+    if r["kept_initial_weights"]:
+        raise NotMetError(f"training did not improve on the initial weights in {r['epochs']} epochs (validation "
+                          f"accuracy {r['val_accuracy']:.4f}); {out}/model.safetensors holds the initial weights. "
+                          "Train longer (--epochs), try another --lr, or check the data.")
 
 
 @command()
