@@ -166,6 +166,8 @@ def apply(
     res.report = {"model": name, "weights": str(weights) if weights else None, **res.report}
     if out_dir is not None:
         write_result(out_dir, res.report)
+    for note in res.report["not_met"]:
+        _console.info(f"[yellow]not met[/yellow]: {note}")
     return res
 
 

@@ -152,3 +152,18 @@ def test_train_that_never_beats_the_initial_weights_says_so_and_exits_3(cli, tmp
     rep = json.loads((tmp_path / "t" / "train.json").read_text())
     assert rep["kept_initial_weights"] is True and rep["best_epoch"] == 0
     assert (tmp_path / "t" / "model.safetensors").is_file()
+
+
+def test_structured_pruning_with_nothing_to_prune_says_why_and_exits_3(cli, tmp_path, digits):
+    """No silent no-op: a model whose only layer is the classifier has no channel to remove."""
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+    torch.save(model, tmp_path / "tiny.pt")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("steps:\n  - prune_structured: {ratio: 0.5}\n  - export\n")
+    r = cli("apply", recipe, "--model", tmp_path / "tiny.pt", "--trust-pickle", "--out", tmp_path / "o",
+            "--batch", "1", "--max-seconds", "0.05")
+    assert r.code == 3, r
+    assert "removed no channel" in r.err and "classifier" in r.err
+    rep = json.loads((tmp_path / "o" / "result.json").read_text())
+    assert rep["not_met"] and "removed no channel" in rep["not_met"][0]
+    assert (tmp_path / "o" / "model.onnx").is_file()

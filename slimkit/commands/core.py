@@ -93,6 +93,9 @@ def apply(
     res = api.apply(rec, model, data, out=out, overwrite=overwrite, seed=seed, target=target)
     stdout.print(compare_table(res.report["baseline"], res.report["result"], title=str(recipe)))
     stdout.print(f"wrote {out}/model.onnx, {out}/model.safetensors, {out}/result.json")
+    if res.report["not_met"]:
+        raise NotMetError(" ".join(res.report["not_met"]) + f" The artifacts in {out} are written; result.json lists "
+                          "this under not_met.")
 
 
 @command()

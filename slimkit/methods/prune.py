@@ -297,8 +297,13 @@ def _unstructured_space(trial: Any) -> Unstructured | None:
 @register_step("prune_structured", Structured, forbids={"exported", "quantized", "masked"})
 def _structured_step(ctx: Context, cfg: Structured) -> dict[str, Any]:
     """Structured channel pruning (Torch-Pruning): fewer channels, fewer MACs, a faster artifact."""
-    return prune_(ctx.model, cfg, example=ctx.data.example(2, split="train"), data=ctx.data, teacher=ctx.teacher,
-                  hooks=ctx.train_hooks())
+    report = prune_(ctx.model, cfg, example=ctx.data.example(2, split="train"), data=ctx.data, teacher=ctx.teacher,
+                    hooks=ctx.train_hooks())
+    if not report.get("pruned_layers"):
+        skipped = report.get("skipped") or {}
+        why = "; ".join(f"{name}: {reason}" for name, reason in list(skipped.items())[:5]) or "no layer with channels"
+        ctx.not_met.append(f"prune_structured removed no channel: nothing in this model could be pruned ({why}).")
+    return report
 
 
 @register_space("prune_structured", order=30)

@@ -94,6 +94,7 @@ def apply_recipe(
             "result": result,
             "parity": ctx.parity,
             "steps": ctx.reports,
+            "not_met": list(ctx.not_met),
             **run_info(target.runtime, threads),
         }
         if out is not None:

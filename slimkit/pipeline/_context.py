@@ -56,7 +56,9 @@ class Context:
     stay active for every later fine-tune (e.g. pruning masks). ``export_transform`` is applied by
     ``export`` to its float export; ``outputs`` are files a step made, ``{file name: path}``,
     that ``apply(out=DIR)`` copies into DIR (e.g. ``model.slim``); ``verdicts`` are the measured
-    speed verdicts of the steps that time their artifact (:class:`SpeedVerdict`).
+    speed verdicts of the steps that time their artifact (:class:`SpeedVerdict`); ``not_met``
+    says what a step was asked for and could not do (e.g. pruning that found nothing to prune):
+    the result reports it and the CLI exits with code 3.
     """
 
     model: nn.Module
@@ -77,6 +79,7 @@ class Context:
     export_transform: ExportTransform | None = None
     outputs: dict[str, Path] = field(default_factory=dict)
     verdicts: list[SpeedVerdict] = field(default_factory=list)
+    not_met: list[str] = field(default_factory=list)
 
     def train_hooks(self) -> list[Any]:
         return [*self.hooks, *self.epoch_callbacks]
