@@ -53,7 +53,7 @@ def read_file(path: str | os.PathLike, what: str, reader: Callable[[Path], T], *
     except MemoryError:
         raise
     except Exception as e:  # a decoder's own error (UnicodeDecodeError, protobuf DecodeError, ...)
-        detail = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        detail = str(e).strip().splitlines()[0][:300].rstrip(". ") if str(e).strip() else type(e).__name__
         raise SlimkitError(f"{what} {path} cannot be read ({type(e).__name__}: {detail})"
                            f"{'; ' + expected if expected else ''}.") from None
 

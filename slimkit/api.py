@@ -66,10 +66,10 @@ def train(
     True
     """
     bundle = resolve_data(data, seed)
+    torch.manual_seed(seed)  # the initial weights, too, follow the seed
+    net = resolve_model(model, bundle, weights=weights)  # bad inputs fail before --out is created
     if out is not None:
         _io.prepare_out_dir(out, overwrite=overwrite, inputs=[weights])
-    torch.manual_seed(seed)  # the initial weights, too, follow the seed
-    net = resolve_model(model, bundle, weights=weights)
     cfg = config or TrainConfig(epochs=epochs, seed=seed)
     _console.info(f"training on {bundle.describe()}")
     report = fit(net, bundle, cfg)
@@ -157,10 +157,10 @@ def apply(
     ref = model if isinstance(model, ModelRef) else None
     weights = ref.weights if ref else None
     spec = ref.spec if ref else model
+    net = resolve_model(copy.deepcopy(model) if isinstance(model, nn.Module) else model, bundle)
+    recipe.check_model(net)  # e.g. unknown layer names: before anything is measured or --out created
     out_dir = _io.prepare_out_dir(out, overwrite=overwrite, inputs=[weights, spec if isinstance(spec, str) else None]) \
         if out else None
-    net = resolve_model(copy.deepcopy(model) if isinstance(model, nn.Module) else model, bundle)
-    recipe.check_model(net)  # e.g. unknown layer names: before anything is measured
     res = apply_recipe(recipe, net, bundle, target, out=out_dir, baseline=baseline)
     name = (ref.name if ref else model) if not isinstance(model, nn.Module) else type(model).__name__
     res.report = {"model": name, "weights": str(weights) if weights else None, **res.report}

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import gzip
 import importlib
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -29,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .. import _io
 from ..errors import SlimkitError
 
 __all__ = ["DataBundle", "load_data", "resolve_data", "register_source", "SPLITS"]
@@ -199,6 +201,8 @@ def build_bundle(
             raise SlimkitError(f"{name}: x_test given without y_test.")
         x_test = _shape_images(_to_float(np.asarray(x_test), name + " (x_test)"), name)
         y_test = _labels(y_test, len(x_test), name + " (y_test)")
+        if not len(x_test):
+            raise SlimkitError(f"{name}: x_test holds no examples.")
         if x_test.shape[1:] != x.shape[1:]:
             raise SlimkitError(f"{name}: x_test examples have shape {x_test.shape[1:]}, x has {x.shape[1:]}.")
     else:
@@ -209,6 +213,10 @@ def build_bundle(
             raise SlimkitError(f"{name}: x_val given without y_val.")
         x_val = _shape_images(_to_float(np.asarray(x_val), name + " (x_val)"), name)
         y_val = _labels(y_val, len(x_val), name + " (y_val)")
+        if not len(x_val):
+            raise SlimkitError(f"{name}: x_val holds no examples.")
+        if x_val.shape[1:] != x.shape[1:]:
+            raise SlimkitError(f"{name}: x_val examples have shape {x_val.shape[1:]}, x has {x.shape[1:]}.")
     else:
         keep, held = _stratified_split(y, val_fraction, seed + 1)
         x, y, x_val, y_val = x[keep], y[keep], x[held], y[held]
@@ -241,7 +249,11 @@ _IDX_TYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:
     """Read one IDX file (``.gz`` or plain): the format of MNIST and Fashion-MNIST."""
-    path = Path(path)
+    return _io.read_file(path, "IDX file", _parse_idx, expected="expected MNIST-style IDX data "
+                         "(train-images-idx3-ubyte, train-labels-idx1-ubyte, gzipped or not)")
+
+
+def _parse_idx(path: Path) -> np.ndarray:
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rb") as f:
@@ -251,10 +263,12 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_TYPES:
         raise SlimkitError(f"{path} is not an IDX file (bad magic number); expected MNIST-style IDX data.")
     ndim = raw[3]
+    if ndim == 0:
+        raise SlimkitError(f"{path} is not an IDX file of examples (its header gives no dimensions).")
     header = 4 + 4 * ndim
     dims = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     dtype = np.dtype(_IDX_TYPES[raw[2]])  # type: ignore[call-overload]
-    expected = int(np.prod(dims)) * dtype.itemsize
+    expected = math.prod(dims) * dtype.itemsize
     if len(raw) - header != expected:
         raise SlimkitError(
             f"{path} is truncated or corrupt: header says shape {dims} ({expected} bytes), "
@@ -298,20 +312,27 @@ def _idx(arg: str, seed: int) -> DataBundle:
 @register_source("npz")
 def _npz(arg: str, seed: int) -> DataBundle:
     path = Path(arg).expanduser()
-    if not path.is_file():
+    if not path.exists():
         raise SlimkitError(f"npz:{arg}: no such file.")
-    with open(path, "rb") as f:
-        if f.read(2) != b"PK":
-            raise SlimkitError(f"npz:{arg} is not a readable .npz archive (np.savez writes one).")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-    except ValueError as e:
-        raise SlimkitError(
-            f"npz:{arg}: cannot read it without unpickling ({e}); store plain numeric arrays x and y."
-        ) from None
-    except Exception as e:  # zipfile.BadZipFile, OSError, ...
-        raise SlimkitError(f"npz:{arg} is not a readable .npz archive: {e}.") from None
+
+    def parse(p: Path) -> dict[str, Any]:
+        with open(p, "rb") as f:
+            if f.read(2) != b"PK":
+                raise SlimkitError(f"npz:{arg} is not a readable .npz archive (np.savez writes one).")
+        try:
+            with np.load(p, allow_pickle=False) as z:
+                return {k: z[k] for k in z.files}
+        except ValueError as e:
+            if "pickle" not in str(e):
+                raise SlimkitError(f"npz:{arg} is not a readable .npz archive: {e}.") from None
+            raise SlimkitError(
+                f"npz:{arg}: cannot read it without unpickling ({e}); store plain numeric arrays x and y."
+            ) from None
+        except Exception as e:  # zipfile.BadZipFile, OSError, ...
+            raise SlimkitError(f"npz:{arg} is not a readable .npz archive: {e}.") from None
+
+    arrays = _io.read_file(path, "data file", parse, expected="give a NumPy .npz archive with arrays x and y "
+                           "(np.savez(FILE, x=..., y=...))")
     return _bundle_from_arrays(f"npz:{arg}", arrays, seed)
 
 

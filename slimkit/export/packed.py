@@ -34,7 +34,7 @@ from torch import nn
 
 from .. import _io
 from ..errors import SlimkitError
-from ..models import _replay, apply_weights, build_model, origin_of, structure_of
+from ..models import _replay, apply_weights, build_model, origin_of, register_model_file, structure_of
 
 __all__ = [
     "MAGIC",
@@ -352,13 +352,17 @@ def read_packed(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tenso
     The file's length and CRC-32 are checked first: a truncated or corrupted file raises
     :class:`SlimkitError` saying so.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise SlimkitError(f"packed model {path} does not exist.")
+    return _io.read_file(path, "packed model", _parse_packed, expected=PACKED_EXPECTED)
+
+
+PACKED_EXPECTED = "give a .slim file written by slimkit deep-compress (DIR/model.slim)"
+
+
+def _parse_packed(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, CodedTensor]]:
     data = path.read_bytes()
-    src = str(path)
+    src = f"packed model {path}"
     if not data.startswith(MAGIC) and not (len(data) < len(MAGIC) and MAGIC.startswith(data) and data):
-        raise SlimkitError(f"{src} is not a .slim packed model (no 'SLIM' magic at its start).")
+        raise SlimkitError(f"{src} is not a .slim packed model (no 'SLIM' magic at its start); {PACKED_EXPECTED}.")
     if len(data) < _HEAD.size + _CRC.size:
         raise SlimkitError(f"{src} is truncated: {len(data)} bytes, shorter than a .slim header.")
     magic, version, flags, payload_len, n_tensors, meta_len = _HEAD.unpack_from(data)
@@ -377,6 +381,8 @@ def read_packed(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tenso
         meta = json.loads(r.take(meta_len).decode())
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise SlimkitError(f"{src} is corrupt: its model description is not JSON.") from None
+    if not isinstance(meta, dict):
+        raise SlimkitError(f"{src} is corrupt: its model description is not a JSON object.")
     state: dict[str, torch.Tensor] = {}
     coded: dict[str, CodedTensor] = {}
     for _ in range(n_tensors):
@@ -431,7 +437,7 @@ def load_packed(path: str | Path, *, trust_pickle: bool = False) -> nn.Module:
     """
     meta, state, _ = read_packed(path)
     spec = meta.get("model")
-    if not spec or not meta.get("input_shape") or not meta.get("num_classes"):
+    if not isinstance(spec, str) or not spec or not meta.get("input_shape") or not meta.get("num_classes"):
         raise SlimkitError(f"{path} does not say which architecture it holds (no model spec); it cannot be rebuilt.")
     model = build_model(spec, input_shape=tuple(meta["input_shape"]), num_classes=int(meta["num_classes"]),
                         trust_pickle=trust_pickle)
@@ -439,3 +445,6 @@ def load_packed(path: str | Path, *, trust_pickle: bool = False) -> nn.Module:
         _replay(model, meta["structure"], str(path))
     apply_weights(model, state, str(path), spec)
     return model.eval()
+
+
+register_model_file(".slim", lambda path, trust_pickle: load_packed(path, trust_pickle=trust_pickle))

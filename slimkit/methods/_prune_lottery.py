@@ -123,9 +123,9 @@ def lottery(
     check(rewind_epoch < epochs, "rewind_epoch", f"must be in [0, epochs) = [0, {epochs}), got {rewind_epoch}")
     weights = model.weights if isinstance(model, ModelRef) else None
     bundle = resolve_data(data, seed)
-    out_dir = _io.prepare_out_dir(out, overwrite=overwrite, inputs=[weights]) if out is not None else None
     torch.manual_seed(seed)
     net = resolve_model(copy.deepcopy(model) if isinstance(model, nn.Module) else model, bundle)
+    out_dir = _io.prepare_out_dir(out, overwrite=overwrite, inputs=[weights]) if out is not None else None
     targets = list(prunable_layers(net))
     t0 = time.perf_counter()
 

@@ -93,8 +93,8 @@ def sensitivity(
     method, ratios, importance, target, layers = cfg.method, tuple(cfg.ratios), cfg.importance, cfg.target, cfg.layers
     weights = model.weights if isinstance(model, ModelRef) else None
     bundle = resolve_data(data, seed)
-    out_dir = _io.prepare_out_dir(out, overwrite=overwrite, inputs=[weights]) if out is not None else None
     net = resolve_model(copy.deepcopy(model) if isinstance(model, nn.Module) else model, bundle).eval()
+    out_dir = _io.prepare_out_dir(out, overwrite=overwrite, inputs=[weights]) if out is not None else None
     base = evaluate(net, bundle.x_val, bundle.y_val)
     example = bundle.example(2, split="train")
     t0 = time.perf_counter()

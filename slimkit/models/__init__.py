@@ -6,7 +6,8 @@ A model spec is one of:
 - ``package.module:function``: your code, called with ``input_shape=`` and ``num_classes=``
   when it accepts them, returning an ``nn.Module``;
 - ``FILE.pt`` with ``trust_pickle=True``: a fully pickled module. Unpickling runs arbitrary
-  code, so it is refused without the flag.
+  code, so it is refused without the flag;
+- ``FILE.slim``: a Deep Compression packed model (it records its own architecture).
 
 Weights are a ``.safetensors`` file or a state dict read with ``torch.load(..., weights_only=True)``.
 A model slimkit saved (:func:`save_model`) carries its spec and the structural changes made
@@ -45,6 +46,7 @@ __all__ = [
     "read_metadata",
     "create_model",
     "register_model",
+    "register_model_file",
     "zoo_names",
     "register_structure_op",
     "record_structure",
@@ -58,6 +60,7 @@ __all__ = [
 ]
 
 PICKLE_SUFFIXES = {".pt", ".pth", ".pkl", ".pickle", ".bin", ".ckpt"}
+PACKED_SUFFIXES = {".slim"}  # formats that carry their architecture (register_model_file)
 METADATA_KEY = "slimkit"
 FORMAT_VERSION = 1
 
@@ -144,7 +147,26 @@ def _parse_zoo(spec: str) -> tuple[str, dict[str, Any]]:
 
 def _looks_like_file(spec: str) -> bool:
     p = Path(spec)
-    return p.suffix.lower() in PICKLE_SUFFIXES or ("/" in spec and ":" not in spec) or p.is_file()
+    return (p.suffix.lower() in PICKLE_SUFFIXES | PACKED_SUFFIXES or ("/" in spec and ":" not in spec)
+            or p.is_file())
+
+
+_FileLoader = Callable[[Path, bool], nn.Module]
+_FILE_LOADERS: dict[str, _FileLoader] = {}
+
+
+def register_model_file(suffix: str, loader: _FileLoader) -> _FileLoader:
+    """Make ``--model FILE.suffix`` load with ``loader(path, trust_pickle)``, a model that
+    carries its own architecture (e.g. the ``.slim`` packed format registers itself)."""
+    _FILE_LOADERS[suffix.lower()] = loader
+    return loader
+
+
+def _file_loader(path: Path) -> _FileLoader | None:
+    suffix = path.suffix.lower()
+    if suffix in PACKED_SUFFIXES and suffix not in _FILE_LOADERS:
+        _import_methods()  # the method that writes the format registers its loader
+    return _FILE_LOADERS.get(suffix)
 
 
 def build_model(spec: str, *, input_shape: Sequence[int], num_classes: int, trust_pickle: bool = False) -> nn.Module:
@@ -154,6 +176,9 @@ def build_model(spec: str, *, input_shape: Sequence[int], num_classes: int, trus
         name, kwargs = _parse_zoo(spec)
         model = create_model(name, input_shape=input_shape, num_classes=num_classes, **kwargs)
     elif _looks_like_file(spec):
+        loader = _file_loader(Path(spec))
+        if loader is not None:
+            return loader(Path(spec), trust_pickle)  # the file records its own origin
         model = _load_pickled_module(Path(spec), trust_pickle)
     elif ":" in spec:
         factory = import_object(spec, what="model factory")
@@ -179,7 +204,7 @@ def build_model(spec: str, *, input_shape: Sequence[int], num_classes: int, trus
 
 
 def _load_pickled_module(path: Path, trust_pickle: bool) -> nn.Module:
-    if not path.is_file():
+    if not path.exists():
         raise SlimkitError(f"model file {path} does not exist.")
     if not trust_pickle:
         raise SlimkitError(
@@ -188,16 +213,26 @@ def _load_pickled_module(path: Path, trust_pickle: bool) -> nn.Module:
             "(trust_pickle=True). Safer: save a state dict or .safetensors and load it with "
             "--model zoo:NAME or package.module:function plus --weights FILE."
         )
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise SlimkitError(f"cannot unpickle {path}: {e}.") from None
-    if not isinstance(obj, nn.Module):
-        raise SlimkitError(
-            f"{path} holds a {type(obj).__name__}, not a pickled nn.Module; if it is a state dict, "
-            "pass it as --weights with a --model that builds the architecture."
-        )
-    return obj
+
+    def unpickle(p: Path) -> nn.Module:
+        try:
+            obj = torch.load(p, map_location="cpu", weights_only=False)
+        except Exception as e:
+            raise SlimkitError(f"cannot unpickle {p}: {_first_line(e)}; expected a whole model saved with "
+                               "torch.save(model, FILE).") from None
+        if not isinstance(obj, nn.Module):
+            raise SlimkitError(
+                f"{p} holds a {type(obj).__name__}, not a pickled nn.Module; if it is a state dict, "
+                "pass it as --weights with a --model that builds the architecture."
+            )
+        return obj
+
+    return _io.read_file(path, "model file", unpickle, expected="give a whole model saved with torch.save(model, FILE)")
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:300].rstrip(". ") if text else type(e).__name__
 
 
 # ----------------------------------------------------------------------------- weights
@@ -222,34 +257,50 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
 
 
 def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a state dict without ever unpickling code."""
-    path = Path(path)
-    if not path.is_file():
-        raise SlimkitError(f"weights file {path} does not exist.")
+    """Read a state dict without ever unpickling code (behind the input-file guard)."""
+    return _io.read_file(path, "weights file", _read_state_dict, expected=WEIGHTS_EXPECTED)
+
+
+WEIGHTS_EXPECTED = ("give a .safetensors file or a PyTorch state dict (torch.save(model.state_dict(), FILE)), "
+                    "e.g. the model.safetensors slimkit wrote")
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
         try:
             return load_file(str(path))
         except Exception as e:
-            raise SlimkitError(f"{path} is not a readable .safetensors file: {e}.") from None
+            raise SlimkitError(f"weights file {path} is not a readable .safetensors file: {_first_line(e)}.") from None
+    if path.suffix.lower() in PACKED_SUFFIXES:
+        raise SlimkitError(f"{path} is a {path.suffix} packed model, which records its own architecture: pass it "
+                           f"as --model {path} (without --weights).")
+    with open(path, "rb") as f:
+        head = f.read(2)
+    if head != b"PK" and not (head[:1] == b"\x80" and head[1:2] in (b"\x01", b"\x02", b"\x03", b"\x04", b"\x05")):
+        raise SlimkitError(f"weights file {path} is not a PyTorch weights file torch.load can read (neither the zip "
+                           f"archive torch.save writes nor a pickle); {WEIGHTS_EXPECTED}.")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise SlimkitError(
             f"{path} holds pickled Python objects, not only tensors, so it was not loaded: unpickling runs code. "
             "If it is a whole pickled model you trust, pass it as --model FILE --trust-pickle; otherwise save "
-            f"its state_dict() or a .safetensors file. (torch said: {str(e).splitlines()[0]})"
+            f"its state_dict() or a .safetensors file. (torch said: {_first_line(e)})"
         ) from None
     except Exception as e:
-        raise SlimkitError(f"{path} is not a PyTorch weights file torch.load can read: {e}.") from None
+        raise SlimkitError(f"weights file {path} is not a PyTorch weights file torch.load can read: "
+                           f"{_first_line(e)}; {WEIGHTS_EXPECTED}.") from None
     if isinstance(obj, dict):
         for key in ("state_dict", "model_state_dict", "model"):
             if key in obj and isinstance(obj[key], dict):
                 obj = obj[key]
                 break
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise SlimkitError(f"{path} does not hold a state dict (a mapping of names to tensors).")
+    if (not isinstance(obj, dict) or not all(isinstance(k, str) for k in obj)
+            or not all(isinstance(v, torch.Tensor) for v in obj.values())):
+        raise SlimkitError(f"weights file {path} does not hold a state dict (a mapping of names to tensors); "
+                           f"{WEIGHTS_EXPECTED}.")
     return obj
 
 

@@ -36,6 +36,7 @@ from typing import Any
 import yaml
 from torch import nn
 
+from .. import _io
 from ..errors import ConfigError, SlimkitError
 from ..models.zoo import MBV2_STAGES, create_model
 
@@ -68,7 +69,7 @@ class Space:
             raise ConfigError("a space is a mapping with 'width' and 'stages'", where=where)
         unknown = set(data) - {"width", "stages", "family"}
         if unknown:
-            raise ConfigError(f"unknown key(s) {sorted(unknown)}; a space holds 'width' and 'stages'", where=where)
+            raise ConfigError(f"unknown key(s) {_names(unknown)}; a space holds 'width' and 'stages'", where=where)
         width = data.get("width")
         if not isinstance(width, list) or not width or not all(
                 isinstance(w, (int, float)) and not isinstance(w, bool) and 0 < w <= 4 for w in width):
@@ -85,7 +86,7 @@ class Space:
                 raise ConfigError(f"must map each knob ({', '.join(knobs)}) to a list of choices, got {st!r}", where=at)
             extra = set(st) - set(knobs)
             if extra:
-                raise ConfigError(f"unknown knob(s) {sorted(extra)}; this family's knobs are {', '.join(knobs)}",
+                raise ConfigError(f"unknown knob(s) {_names(extra)}; this family's knobs are {', '.join(knobs)}",
                                   where=at)
             choices = {}
             for knob in knobs:
@@ -234,12 +235,7 @@ def load_space(family: Family, space: Space | dict[str, Any] | str | Path | None
     where = "space"
     if isinstance(space, (str, Path)):
         path = Path(space)
-        if not path.is_file():
-            raise SlimkitError(f"space file {path} does not exist.")
-        try:
-            space = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
-            raise SlimkitError(f"space file {path} is not valid YAML: {e}") from None
+        space = _io.read_file(path, "space file", _read_yaml, expected=SPACE_EXPECTED)
         where = f"space file {path.name}"
     if not isinstance(space, dict):
         raise ConfigError("a space is a mapping with 'width' and 'stages'", where=where)
@@ -247,7 +243,7 @@ def load_space(family: Family, space: Space | dict[str, Any] | str | Path | None
         raise ConfigError(f"is a space of family '{space['family']}', not '{family.name}'", where=where)
     unknown = set(space) - {"width", "stages", "family"}
     if unknown:
-        raise ConfigError(f"unknown key(s) {sorted(unknown)}; a space holds 'width' and 'stages'", where=where)
+        raise ConfigError(f"unknown key(s) {_names(unknown)}; a space holds 'width' and 'stages'", where=where)
     # what the mapping gives replaces the family's choices; what it leaves out keeps them
     merged = family.space.to_data()
     if "width" in space:
@@ -263,6 +259,21 @@ def load_space(family: Family, space: Space | dict[str, Any] | str | Path | None
                 raise ConfigError(f"must map knobs to lists of choices, got {st!r}", where=f"{where} stage {i}")
             merged["stages"][i].update(st)
     return Space.from_data(merged, knobs=family.knobs, where=where)
+
+
+SPACE_EXPECTED = "give a YAML mapping with 'width' and 'stages' (see slimkit nas --help)"
+
+
+def _read_yaml(path: Path) -> Any:
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise SlimkitError(f"space file {path} is not valid YAML: {e}") from None
+
+
+def _names(keys: Any) -> list[str]:
+    """Keys of a user's mapping, sorted for a message (YAML keys need not be strings)."""
+    return sorted(str(k) for k in keys)
 
 
 def arch_summary(arch: Arch) -> str:

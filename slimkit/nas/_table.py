@@ -124,19 +124,27 @@ class LatencyTable:
     @classmethod
     def load(cls, path: str | Path) -> "LatencyTable":
         path = Path(path)
-        if not path.is_file():
+        if not path.exists():
             raise SlimkitError(f"latency table {path} does not exist; build one with slimkit latency-table "
                                "--family F --data D --target T --batch B --out FILE.")
-        try:
-            data = json.loads(path.read_text())
-        except ValueError as e:
-            raise SlimkitError(f"{path} is not a latency table (not valid JSON: {e}).") from None
-        if not isinstance(data, dict) or data.get("kind") != "slimkit-latency-table":
-            raise SlimkitError(f"{path} is not a slimkit latency table; build one with slimkit latency-table.")
-        if data.get("format") != FORMAT:
-            raise SlimkitError(f"{path} is a latency table of format {data.get('format')}; this slimkit reads format "
-                               f"{FORMAT}: build it again with slimkit latency-table.")
-        return cls(data)
+
+        def parse(p: Path) -> LatencyTable:
+            try:
+                data = json.loads(p.read_text(encoding="utf-8"))
+            except ValueError as e:
+                raise SlimkitError(f"{p} is not a latency table (not valid JSON: {e}).") from None
+            if not isinstance(data, dict) or data.get("kind") != "slimkit-latency-table":
+                raise SlimkitError(f"{p} is not a slimkit latency table; build one with slimkit latency-table.")
+            if data.get("format") != FORMAT:
+                raise SlimkitError(f"{p} is a latency table of format {data.get('format')!r}; this slimkit reads "
+                                   f"format {FORMAT}: build it again with slimkit latency-table.")
+            problem = _table_problem(data)
+            if problem:
+                raise SlimkitError(f"latency table {p} is damaged ({problem}); build it again with slimkit "
+                                   "latency-table.")
+            return cls(data)
+
+        return _io.read_file(path, "latency table", parse, expected="give the JSON file slimkit latency-table wrote")
 
     def save(self, path: str | Path) -> Path:
         return _io.write_json(path, self.data)
@@ -214,6 +222,60 @@ class LatencyTable:
         return (f"latency table of {d['family']} on {d['target']} (batch {d['batch']}, {d['threads']} threads, input "
                 f"{'x'.join(map(str, d['input_shape']))}): {len(d['blocks'])} blocks, widths "
                 f"{', '.join(d['fixed_ms'])}")
+
+
+def _is_int(v: Any, low: int = 1) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+
+def _is_ms(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+_TABLE_FIELDS: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
+    ("family", lambda v: isinstance(v, str), "a family name"),
+    ("target", lambda v: isinstance(v, str), "a target name"),
+    ("batch", _is_int, "a positive integer"),
+    ("threads", lambda v: _is_int(v, 0), "an integer"),
+    ("num_classes", _is_int, "a positive integer"),
+    ("input_shape", lambda v: isinstance(v, list) and bool(v) and all(_is_int(d) for d in v),
+     "a list of positive integers"),
+    ("space", lambda v: isinstance(v, dict), "a mapping"),
+    ("blocks", lambda v: isinstance(v, dict) and all(isinstance(e, dict) and _is_ms(e.get("ms")) for e in v.values()),
+     "a mapping of block keys to {ms: ...}"),
+    ("fixed_ms", lambda v: isinstance(v, dict) and all(_is_ms(x) for x in v.values()),
+     "a mapping of widths to milliseconds"),
+    ("stages", lambda v: isinstance(v, dict), "a mapping of widths to per-stage entries"),
+)
+
+
+def _table_problem(data: dict[str, Any]) -> str | None:
+    """What is wrong with a latency table's content; None when it has the shape slimkit writes."""
+    for key, ok, want in _TABLE_FIELDS:
+        if key not in data:
+            return f"it has no '{key}'"
+        if not ok(data[key]):
+            return f"'{key}' is not {want}"
+    try:
+        space = load_space(get_family(data["family"]), data["space"])
+    except SlimkitError as e:
+        return str(e)
+    blocks = data["blocks"]
+    for width in space.width:
+        wk = _width_key(width)
+        entries = data["stages"].get(wk)
+        if wk not in data["fixed_ms"] or not isinstance(entries, list) or len(entries) != len(space.stages):
+            return f"width {wk} has no fixed cost or no entry per stage"
+        for s, stage in enumerate(entries):
+            if not isinstance(stage, list) or not stage or not all(
+                    isinstance(e, dict) and isinstance(e.get("knobs"), dict)
+                    and set(e["knobs"]) == set(space.stages[s]) - {"blocks"}
+                    and all(v in space.stages[s][k] for k, v in e["knobs"].items())
+                    and isinstance(e.get("first"), str) and e["first"] in blocks
+                    and (not e.get("next") or (isinstance(e["next"], str) and e["next"] in blocks))
+                    for e in stage):
+                return f"the entries of stage {s} at width {wk} are malformed"
+    return None
 
 
 def _reference_archs(space: Space, width: float) -> list[Arch]:

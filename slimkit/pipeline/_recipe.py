@@ -159,7 +159,7 @@ class Recipe:
         if isinstance(data, dict):
             unknown = set(data) - {"steps"}
             if unknown:
-                raise ConfigError(f"unknown top-level key(s) {sorted(unknown)}; a recipe holds 'steps'", where=source)
+                raise ConfigError(f"unknown top-level key(s) {sorted(map(str, unknown))}; a recipe holds 'steps'", where=source)
             data = data.get("steps")
         if not isinstance(data, list) or not data:
             raise ConfigError("a recipe is a non-empty list of steps, e.g. [{finetune: {epochs: 3}}, export]", where=source)
