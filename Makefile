@@ -9,7 +9,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.slimkit-installed
 
-.PHONY: env demo check test bench clean
+.PHONY: env demo check test soak bench clean
 
 env: $(STAMP)
 
@@ -31,6 +31,11 @@ check: $(STAMP)
 # Runtime sessions the tests run in the same process get the cores.
 test: check
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -q
+
+# The long fault-injection runs (20 SIGKILLs across one search; 4 workers x 25 trials on one
+# PostgreSQL study), about 3-4 minutes together; `make test` skips them.
+soak: $(STAMP)
+	SLIMKIT_SOAK=1 OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -q -m soak
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

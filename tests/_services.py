@@ -238,6 +238,41 @@ def failing_step() -> Iterator[None]:
         _recipe._STEPS.pop("test_fail", None)
 
 
+@dataclass
+class OnTrial:
+    """Config of a test step made by :func:`one_trial_step`: ``on`` in the one trial that runs it."""
+
+    on: bool = False
+
+
+@contextlib.contextmanager
+def one_trial_step(name: str, action: Any, trial_number: int = 1) -> Iterator[None]:
+    """Register a real recipe step ``name`` for the duration of the block: its space adds it only
+    to trial ``trial_number``, where it calls ``action()`` (sleep, break the output folder...)."""
+    from slimkit import pipeline as rc
+    from slimkit.pipeline import _recipe
+
+    def handler(ctx: Any, cfg: OnTrial) -> dict[str, Any]:
+        if cfg.on:
+            action()
+        return {"ran": cfg.on}
+
+    def space(trial: Any) -> OnTrial | None:
+        return OnTrial(on=True) if trial.number == trial_number else None
+
+    rc.register_step(name, OnTrial, forbids={"exported"})(handler)
+    rc.register_space(name, order=55)(space)
+    try:
+        yield
+    finally:
+        _recipe._STEPS.pop(name, None)
+
+
+def sleeping_step(trial_number: int = 1, seconds: float = 120.0) -> contextlib.AbstractContextManager[None]:
+    """A step ``test_sleep`` that sleeps ``seconds`` in trial ``trial_number`` (a trial that hangs)."""
+    return one_trial_step("test_sleep", lambda: time.sleep(seconds), trial_number)
+
+
 # Every search the tests share (the pytest session is one process): arguments -> (folder, error).
 _SEARCHES: dict[tuple, tuple[Path, Exception | None]] = {}
 
@@ -247,7 +282,7 @@ FAST = {"batch_sizes": (1, 16), "threads": 1, "max_seconds": 0.05, "finetune_bat
 _OPTION_OF = {
     "target": ("runtime", "batch_sizes", "threads", "max_seconds"),
     "budget": ("max_latency_ms", "min_throughput", "max_size_kb", "max_accuracy_drop"),
-    "search": ("objective", "trials", "timeout", "sampler", "seed", "val_size", "verbose"),
+    "search": ("objective", "trials", "timeout", "trial_timeout", "sampler", "seed", "val_size", "verbose"),
     "store": ("out", "storage", "study", "overwrite"),
     "space": ("methods", "finetune_batches", "warm"),
 }

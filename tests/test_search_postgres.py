@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import optuna
@@ -33,7 +34,8 @@ def test_two_workers_share_one_study(pg_url, trained, tmp_path):
     _, weights = trained("lenet5")
     out = tmp_path / "shared"
     model = ModelRef("zoo:lenet5", weights=weights)
-    common = dict(out=out, storage=pg_url, study="lenet5-shared", methods=["finetune"], **FAST)
+    # no accuracy floor: no trial is stopped early, whatever the workers (seeded by their pids) draw
+    common = dict(out=out, storage=pg_url, study="lenet5-shared", methods=["finetune"], max_accuracy_drop=1.0, **FAST)
     ready = compress(model, "digits", **compress_options(trials=0, **common))  # sets the study up: config + baseline
     assert ready.report is None and not (out / "result.json").exists()
 
@@ -72,3 +74,28 @@ def test_unreachable_storage_is_explained(cli, tmp_path):
     assert r.code == 2 and "cannot open the storage" in r.err, r
     r = cli("worker", "--storage", "redis://localhost", "--study", "x", "--trials", "1")
     assert r.code == 2 and "database URL" in r.err, r
+
+
+@pytest.mark.soak
+def test_four_workers_by_25_trials_make_100_unique_trials(pg_url, trained, tmp_path):
+    """4 `slimkit worker` processes x 25 of the cheapest trials on one PostgreSQL study: 100
+    finished trials, numbers 0..99 each once, 25 run by each worker, every one complete."""
+    _, weights = trained("lenet5")
+    out = tmp_path / "many"
+    compress(ModelRef("zoo:lenet5", weights=weights), "digits",
+             **compress_options(trials=0, out=out, storage=pg_url, study="lenet5-many", methods=["finetune"],
+                                sampler="random", batch_sizes=(1,), threads=1, max_seconds=0.02, finetune_batches=2,
+                                max_accuracy_drop=1.0))
+    cmd = [*RUN_CLI, "worker", "--storage", pg_url, "--study", "lenet5-many", "--trials", "25", "-q"]
+    procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"})
+             for _ in range(4)]
+    outputs = [p.communicate(timeout=400) for p in procs]
+    for p, (_, e) in zip(procs, outputs):
+        assert p.returncode == 0, e[-3000:]
+    trials = optuna.load_study(study_name="lenet5-many", storage=pg_url).trials
+    assert sorted(t.number for t in trials) == list(range(100))  # 100 unique trials, none counted twice
+    assert all(t.state.name == "COMPLETE" for t in trials), [(t.number, t.state.name) for t in trials
+                                                            if t.state.name != "COMPLETE"]
+    per_worker = Counter(t.user_attrs["worker"]["pid"] for t in trials)
+    assert sorted(per_worker.values()) == [25, 25, 25, 25] and set(per_worker) == {p.pid for p in procs}

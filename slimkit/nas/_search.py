@@ -34,9 +34,10 @@ from ..data import DataBundle, resolve_data
 from ..errors import ConfigError, SlimkitError
 from ..measure import Target
 from ..models import ModelRef, load_model, resolve_model
-from ..search import (Budget, Joined, NasRecord, SearchRecord, Search, Session, Store, WorkerOptions, ensure_baseline,
-                      file_sha256, make_sampler, measure_baseline, model_record, open_or_resume, open_place, optimize,
-                      redact, validation_subset, worker_sampler, worker_seed)
+from ..search import (Budget, Joined, NasRecord, SearchInterrupted, SearchRecord, Search, Session, Store, WorkerOptions,
+                      ensure_baseline, file_sha256, make_sampler, measure_baseline, model_record, open_or_resume,
+                      open_place, optimize, redact, signal_name, stop_signals, validation_subset, worker_sampler,
+                      worker_seed)
 from ._hooks import weight_kb
 from ._objective import MAX_REJECTED_IN_A_ROW, NasObjective, StopWhenTrained, rejected_count, trained_count
 from ._options import NasSpace
@@ -162,6 +163,8 @@ def nas(
                            f"{bundle.name} has examples shaped {bundle.input_shape}.")
     teacher_net = resolve_model(teacher, bundle) if teacher is not None else None
     teacher_weights = teacher.weights if isinstance(teacher, ModelRef) else None
+    if isinstance(space.latency_table, (str, Path)):
+        LatencyTable.load(space.latency_table)  # a bad table fails before --out is created
     place = open_place(store, inputs=[teacher_weights], extra=NAS_FILES)
     out = place.out
 
@@ -195,7 +198,7 @@ def nas(
         threads=threads, budget=budget.to_data(), seed=search.seed,
         trust_pickle=teacher.trust_pickle if isinstance(teacher, ModelRef) else False, objective=objective,
         sampler=search.sampler_name, max_seconds=target.max_seconds, out=str(out.resolve()),
-        val_size=search.val_size, nas=settings)
+        val_size=search.val_size, nas=settings, trial_timeout=search.trial_timeout)
     st = open_or_resume(place, record)
     if st.user_attrs.get(TABLE_ATTR) is None or LatencyTable(st.user_attrs[TABLE_ATTR]).mismatches(
             family=fam.name, space=sp, target=target.runtime, batch=batch, threads=threads,
@@ -243,7 +246,7 @@ def _search(st: Any, session: Session, table: LatencyTable, fam: Family, sp: Spa
                               trials=max(trials, 10))
     _console.info(f"searching: {remaining} candidate(s) to train, sampler {search.sampler_name}; {label}"
                   + (f"; join with: slimkit worker --storage URL --study {st.study_name} --trials N" if shared else ""))
-    optimize(st, objective, n_trials=None, timeout=search.timeout, callbacks=[stopper])
+    _optimize(st, objective, timeout=search.timeout, callbacks=[stopper])
     if stopper.gave_up:
         _console.info(f"[yellow]stopped: the last {MAX_REJECTED_IN_A_ROW} candidates were all rejected by the "
                       "latency table or already trained: the budget leaves little of the space untried (relax it, "
@@ -266,6 +269,8 @@ def nas_worker(joined: Joined, *, trials: int, total: int | None, timeout: float
     table = LatencyTable(table_data)
     fam = get_family(record.nas.family)
     sp = load_space(fam, record.nas.space)
+    if options.trial_timeout is not None:
+        record.trial_timeout = options.trial_timeout
     session = Session(record, joined.baseline, artifacts=Path(out) if out else Path(record.out or "."),
                       verbose=options.verbose)
     objective = NasObjective(session, table, fam, sp, total=trials)
@@ -280,4 +285,14 @@ def nas_worker(joined: Joined, *, trials: int, total: int | None, timeout: float
     st.sampler = make_sampler(sampler, seed=worker_seed(record), trials=trials + done)
     _console.info(f"worker {os.getpid()}: {trials} candidate(s) of architecture search '{st.study_name}', "
                   f"sampler {name}")
-    optimize(st, objective, n_trials=None, timeout=timeout, callbacks=[stopper])
+    _optimize(st, objective, timeout=timeout, callbacks=[stopper])
+
+
+def _optimize(st: Any, objective: NasObjective, *, timeout: float | None, callbacks: list[Any]) -> None:
+    """The trials, with SIGTERM / Ctrl-C ending them cleanly (the trial in flight recorded as failed)."""
+    with stop_signals() as stop:
+        optimize(st, objective, n_trials=None, timeout=timeout, callbacks=[*callbacks, stop.callback])
+    if stop.signum is not None:
+        raise SearchInterrupted(f"architecture search interrupted by {signal_name(stop.signum)}: the trial in "
+                                "flight is recorded as failed, the finished ones stay in the study. Run the same "
+                                "command to resume and write the results.", stop.signum)

@@ -10,8 +10,9 @@ trial by the chosen objective becomes ``best.onnx``.
 The study kit: the option objects (:class:`Budget`, :class:`Search`, :class:`Store`), the
 stored record (:class:`SearchRecord`), :func:`open_place` / :func:`open_or_resume` (create a
 study or resume it, checking its stored settings), :func:`ensure_baseline`, :class:`Session`,
-:class:`TrialRecorder`, :class:`EarlyStop`, :func:`make_sampler`, :func:`write_results` and the
-worker's side (:func:`join_study`).
+:class:`TrialRecorder`, :class:`EarlyStop`, :func:`make_sampler`, :func:`write_results`, the
+worker's side (:func:`join_study`) and the fault handling (:func:`stop_signals`,
+:func:`recover_lost`, :func:`per_trial_seed`: see :mod:`slimkit.search._faults`).
 
 >>> from slimkit.search import Budget, Search, Store, compress  # doctest: +SKIP
 >>> from slimkit.models import ModelRef  # doctest: +SKIP
@@ -20,6 +21,8 @@ worker's side (:func:`join_study`).
 ...                store=Store(out="runs/lenet5-compress"))  # doctest: +SKIP
 """
 
+from ._faults import (Interrupted, SearchInterrupted, TrialTimeoutError, per_trial_seed, recover_lost, signal_name,
+                      stop_signals)
 from ._objective import Objective
 from ._options import OBJECTIVES, SAMPLERS, Budget, CompressSpace, Search, Store, WorkerOptions, parse_latency
 from ._record import (BASELINE_ATTR, DIRECTIONS, FINISHED, METRICS, RESULT_FILES, STUDY_ATTR, NasRecord,
@@ -50,4 +53,7 @@ __all__ = [
     # results and workers
     "write_results", "trial_rows", "pick_best", "baseline_test", "Joined", "join_study", "check_worker_args",
     "worker_sampler", "worker_seed",
+    # faults: trial timeout, SIGTERM / Ctrl-C, lost trials
+    "TrialTimeoutError", "Interrupted", "SearchInterrupted", "stop_signals", "signal_name", "recover_lost",
+    "per_trial_seed",
 ]

@@ -136,7 +136,8 @@ class Search:
 
     ``objective``: ``None`` is the verb's own (``latency`` for compress, ``accuracy`` for nas).
     ``sampler`` is a name (``tpe``, ``nsga2``, ``gp``, ``random``, ``grid``) or an Optuna sampler
-    object, used as is. ``timeout``: start no new trial after this many seconds. ``val_size``:
+    object, used as is. ``timeout``: start no new trial after this many seconds;
+    ``trial_timeout``: stop a trial running longer than this (recorded as failed). ``val_size``:
     judge trials on this many validation examples (a fixed subset; ``None``: all).
     """
 
@@ -147,6 +148,9 @@ class Search:
                         "Trials the study should hold (earlier runs' count; 0 only sets the study up for workers)."})
     timeout: float | None = field(default=None, metadata={"flag": "--timeout", "help":
                                   "Start no new trial after this many seconds."})
+    trial_timeout: float | None = field(default=None, metadata={"flag": "--trial-timeout", "help":
+                                        "Stop a trial running longer than this many seconds (recorded as "
+                                        "failed; the search goes on)."})
     sampler: Any = field(default="tpe", metadata={"flag": "--sampler", "type": str, "help":
                          "tpe, nsga2, gp, random or grid."})
     seed: int = field(default=0, metadata={"flag": "--seed", "help":
@@ -163,6 +167,8 @@ class Search:
               f"unknown sampler '{self.sampler}'; choose one of {', '.join(SAMPLERS)}")
         check(self.trials >= 0, "trials", f"must be >= 0, got {self.trials}")
         check(self.timeout is None or self.timeout > 0, "timeout", f"must be > 0 seconds, got {self.timeout}")
+        check(self.trial_timeout is None or self.trial_timeout > 0, "trial_timeout",
+              f"must be > 0 seconds, got {self.trial_timeout}")
         check(self.val_size is None or self.val_size >= 10, "val_size", f"must be >= 10 examples, got {self.val_size}")
 
     @property
@@ -228,14 +234,20 @@ class WorkerOptions:
     """How a ``slimkit worker`` runs its trials beyond the study's own settings.
 
     ``sampler``: a name or an Optuna sampler object instead of the study's sampler (``None``:
-    the study's); ``verbose``: show every step's output inside each trial.
+    the study's); ``verbose``: show every step's output inside each trial; ``trial_timeout``:
+    stop a trial running longer than this many seconds (``None``: the study's).
     """
 
     sampler: Any = field(default=None, metadata={"flag": "--sampler", "type": str, "help":
                          "Override the study's sampler for this worker."})
     verbose: bool = field(default=False, metadata={"flag": "--verbose", "short": "-v", "help":
                           "Show every step's output inside each trial."})
+    trial_timeout: float | None = field(default=None, metadata={"flag": "--trial-timeout", "help":
+                                        "Stop a trial running longer than this many seconds (default: the "
+                                        "study's --trial-timeout)."})
 
     def __post_init__(self) -> None:
         check(not isinstance(self.sampler, str) or self.sampler in SAMPLERS, "sampler",
               f"unknown sampler '{self.sampler}'; choose one of {', '.join(SAMPLERS)}")
+        check(self.trial_timeout is None or self.trial_timeout > 0, "trial_timeout",
+              f"must be > 0 seconds, got {self.trial_timeout}")

@@ -75,6 +75,7 @@ class SearchRecord:
     val_size: int | None = None
     methods: list[str] | None = None
     out: str | None = None
+    trial_timeout: float | None = None
     nas: NasRecord | None = None
     format: int = FORMAT
 

@@ -12,10 +12,11 @@ from torch import nn
 
 from .. import _console
 from ..data import DataBundle, resolve_data
-from ..errors import SlimkitError
+from ..errors import NoFeasibleTrialError, SlimkitError
 from ..measure import Target
 from ..models import ModelRef, load_model, origin_of, resolve_model, save_model
 from ..pipeline import recipe_summary
+from ._faults import SearchInterrupted, per_trial_seed, recover_lost, signal_name, stop_signals, write_error
 from ._objective import Objective
 from ._options import Budget, CompressSpace, Search, Store, WorkerOptions
 from ._record import RESULT_FILES, SearchRecord
@@ -76,7 +77,11 @@ def compress(
     the same arguments resumes it until it holds ``search.trials`` trials. Writes ``best.onnx``,
     ``best.safetensors``, ``best_recipe.yaml``, ``trials.csv``, ``result.json`` and
     ``report.html`` into ``store.out``; raises :class:`~slimkit.errors.NoFeasibleTrialError`
-    (exit code 3) after writing them if no trial met the budget.
+    (exit code 3) after writing them if no trial met the budget. ``search.trial_timeout`` stops
+    (and fails) a trial that runs longer; SIGTERM or Ctrl-C fails the trial in flight, writes the
+    finished trials' results and raises :class:`SearchInterrupted` (exit code 143 or 130); a
+    trial killed outright (SIGKILL) runs again, with the same number and parameters, when the
+    same call resumes the study.
 
     >>> res = compress(ModelRef("zoo:lenet5", weights="runs/lenet5/model.safetensors"), "digits",
     ...                budget=Budget(max_accuracy_drop=0.01), search=Search(trials=10),
@@ -105,7 +110,7 @@ def compress(
         seed=search.seed, trust_pickle=model.trust_pickle if isinstance(model, ModelRef) else False,
         objective=objective, sampler=search.sampler_name, max_seconds=target.max_seconds,
         finetune_batches=space.finetune_batches, methods=list(space.methods) if space.methods else None,
-        out=str(out.resolve()), val_size=search.val_size)
+        out=str(out.resolve()), val_size=search.val_size, trial_timeout=search.trial_timeout)
 
     def warm_up(st: Any) -> None:
         if space.warm and search.sampler != "grid":
@@ -129,7 +134,7 @@ def compress(
                       f"--storage {redact(place.url)} --study {place.name} --trials N, then run this command again "
                       "to write the results.")
         return CompressResult(None, None, None, out)
-    report = write_results(st, session, storage=place.url, out=out)
+    report = _write(st, session, place)
     _summarize(report, record)
     best = load_model(weights=out / "best.safetensors", input_shape=bundle.input_shape,
                       num_classes=bundle.num_classes) if record.model else None
@@ -137,9 +142,12 @@ def compress(
 
 
 def _search(st: Any, session: Session, place: StudyPlace, search: Search) -> None:
-    """Run trials until the study holds ``search.trials`` finished ones; on Ctrl-C, write the
-    results of the trials done so far, then re-raise."""
+    """Run trials until the study holds ``search.trials`` finished ones. SIGTERM or Ctrl-C ends it
+    cleanly: the trial in flight is recorded as failed, the finished trials' results are written,
+    then :class:`SearchInterrupted` (exit code 143 or 130); a folder that takes no more files
+    stops it with a clear error. Either way the same command resumes."""
     trials, name = search.trials, place.name
+    _recover(st)
     done = count_finished(st)
     remaining = trials - done
     if done:
@@ -149,22 +157,46 @@ def _search(st: Any, session: Session, place: StudyPlace, search: Search) -> Non
         return
     import optuna
 
-    st.sampler = make_sampler(search.sampler, seed=search.seed + done, trials=trials)
+    sampler = make_sampler(search.sampler, seed=search.seed, trials=trials)
+    st.sampler = per_trial_seed(sampler, search.seed) if isinstance(search.sampler, str) else sampler
     _console.info(f"searching: {remaining} trial(s), sampler {search.sampler_name}, objective "
                   f"{session.record.objective}; study '{name}' in {redact(place.url)}"
                   + (f"; join with: slimkit worker --storage URL --study {name} --trials N" if place.shared else ""))
-    try:
+    with stop_signals() as stop:
         optimize(st, Objective(session, grid=search.sampler == "grid", total=trials), n_trials=remaining,
-                 timeout=search.timeout, callbacks=[optuna.study.MaxTrialsCallback(trials, states=finished_states())])
-    except KeyboardInterrupt:
-        if any(t.state.name == "COMPLETE" for t in st.get_trials(deepcopy=False)):
-            _console.info("interrupted: writing the results of the trials done so far (run the same command "
-                          "to resume)")
-            try:
-                write_results(st, session, storage=place.url, out=place.out)
-            except SlimkitError:
-                pass
-        raise
+                 timeout=search.timeout, callbacks=[optuna.study.MaxTrialsCallback(trials, states=finished_states()),
+                                                    stop.callback])
+    if session.write_failure is not None:
+        raise write_error(session.write_failure, place.out, "the trials' files", study=redact(place.url))
+    if stop.signum is None:
+        return
+    counts = sum(t.state.name == "COMPLETE" for t in st.get_trials(deepcopy=False))
+    wrote = ""
+    if counts:
+        wrote = f"; wrote the results of the {counts} complete trial(s) to {place.out}"
+        try:
+            _write(st, session, place)
+        except NoFeasibleTrialError:
+            pass  # no trial within budget: the files are written all the same
+        except SlimkitError as e:
+            wrote = f"; the results could not be written ({e})"
+    raise SearchInterrupted(f"search interrupted by {signal_name(stop.signum)}: the trial in flight is recorded as "
+                            f"failed{wrote}. Run the same command to resume.", stop.signum)
+
+
+def _recover(st: Any) -> None:
+    lost = recover_lost(st)
+    if lost:
+        _console.info(f"trial(s) {', '.join(map(str, lost))} of a process that no longer runs go back into the queue "
+                      "(they run again with the same parameters)")
+
+
+def _write(st: Any, session: Session, place: StudyPlace) -> dict[str, Any]:
+    """The search's result files; a folder that takes no file is a clear error (the study stays)."""
+    try:
+        return write_results(st, session, storage=place.url, out=place.out)
+    except OSError as e:
+        raise write_error(e, place.out, "the search's results", study=redact(place.url)) from None
 
 
 def _summarize(report: dict[str, Any], record: SearchRecord) -> None:
@@ -184,13 +216,23 @@ def compress_worker(joined: Joined, *, trials: int, total: int | None, timeout: 
     import optuna
 
     st, record = joined.study, joined.record
+    if options.trial_timeout is not None:
+        record.trial_timeout = options.trial_timeout
     sampler, name = worker_sampler(record, options.sampler)
     st.sampler = make_sampler(sampler, seed=worker_seed(record), trials=trials + count_finished(st))
     session = Session(record, joined.baseline, artifacts=Path(out) if out else Path(record.out or "."),
                       verbose=options.verbose)
     _console.info(f"worker {os.getpid()}: {trials} trial(s) of study '{st.study_name}' ({redact(joined.url)}), "
                   f"sampler {name}")
+    _recover(st)
     stop = [optuna.study.MaxTrialsCallback(total, states=finished_states())] if total else []
     if total and count_finished(st) >= total:
         trials = 0
-    optimize(st, Objective(session, grid=sampler == "grid"), n_trials=trials, timeout=timeout, callbacks=stop)
+    with stop_signals() as signals:
+        optimize(st, Objective(session, grid=sampler == "grid"), n_trials=trials, timeout=timeout,
+                 callbacks=[*stop, signals.callback])
+    if session.write_failure is not None:
+        raise write_error(session.write_failure, session.artifacts, "the trials' files", study=redact(joined.url))
+    if signals.signum is not None:
+        raise SearchInterrupted(f"worker {os.getpid()} interrupted by {signal_name(signals.signum)}: its trial in "
+                                "flight is recorded as failed; the study keeps every finished trial.", signals.signum)

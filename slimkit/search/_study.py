@@ -82,6 +82,7 @@ def open_storage(url: str) -> Any:
                            f"sqlite:///path/study.db; got '{redact(url)}'.")
     url = re.sub(r"^postgres://", "postgresql://", url)
     kwargs: dict[str, Any] = {}
+    _check_sqlite_file(url)
     if url.startswith("sqlite"):
         kwargs["connect_args"] = {"timeout": 60}  # several processes may share one file
     else:
@@ -100,6 +101,30 @@ def open_storage(url: str) -> Any:
         raise SlimkitError(f"cannot open the storage {redact(url)}: {first}. Check that the database server runs, "
                            "that the URL's host, port, user and database are right, and that it accepts this "
                            "machine.") from None
+
+
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+def _check_sqlite_file(url: str) -> None:
+    """Refuse a ``sqlite:///FILE`` whose FILE exists but is not a SQLite database (before SQLAlchemy
+    reports it as a server problem). A missing or empty file becomes a new study database."""
+    m = re.match(r"^sqlite(\+\w+)?:///([^?]+)", url)
+    if not m or m.group(2) == ":memory:":
+        return
+    path = Path(m.group(2))
+    if not path.exists() or (path.is_file() and path.stat().st_size == 0):
+        return
+
+    expected = "give sqlite:///FILE for a new file or a study database slimkit wrote (DIR/study.db)"
+
+    def check(p: Path) -> None:
+        with open(p, "rb") as f:
+            if f.read(len(_SQLITE_MAGIC)) != _SQLITE_MAGIC:
+                raise SlimkitError(f"study database {p} is not a SQLite database (no SQLite header at its start); "
+                                   f"{expected}.")
+
+    _io.read_file(path, "study database", check, expected=expected)
 
 
 def study_names(storage: Any) -> list[str]:

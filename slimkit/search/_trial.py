@@ -21,9 +21,7 @@ import contextlib
 import copy
 import json
 import math
-import os
 import shutil
-import socket
 import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
@@ -40,6 +38,7 @@ from ..export import export_onnx
 from ..measure import Target, profile
 from ..models import load_model, resolve_model
 from ..pipeline import ApplyResult, Recipe, apply_recipe, get_step, step_names
+from ._faults import Interrupted, armed, deadline, this_worker, writable, write_cause
 from ._options import Budget
 from ._record import SearchRecord
 from ._study import validation_subset
@@ -180,6 +179,9 @@ class Session:
                                input_shape=self.data.input_shape, num_classes=self.data.num_classes)
         self.model = model.eval()
         self.budget = record.budget_obj
+        self.trial_timeout = record.trial_timeout
+        # set when a trial could not write its files and the folder takes none: the search stops
+        self.write_failure: OSError | None = None
 
     @property
     def floor(self) -> float | None:
@@ -261,27 +263,39 @@ class TrialRecorder:
         self.session = session
         self.t0 = time.perf_counter()
         self.dir = session.trial_dir(trial.number)
-        trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid()})
+        trial.set_user_attr("worker", this_worker())
 
     def seconds(self, digits: int = 2) -> float:
         return round(time.perf_counter() - self.t0, digits)
 
     @contextlib.contextmanager
     def guard(self, on_stopped: Callable[[], None] | None = None) -> Iterator[None]:
-        """Record a trial stopped early (``on_stopped()`` first) or failed inside the block, and re-raise."""
+        """Record a trial stopped early (``on_stopped()`` first), failed, timed out (the session's
+        ``trial_timeout``) or interrupted (SIGTERM, Ctrl-C) inside the block, and re-raise.
+
+        A trial that could not write its files is failed with that reason; if the output folder
+        takes no file at all any more, the search is stopped (``session.write_failure``).
+        """
         import optuna
 
         try:
-            yield
+            with armed(), deadline(self.session.trial_timeout):
+                yield
         except optuna.TrialPruned as e:
             if on_stopped is not None:
                 on_stopped()
             self.stopped(e)
             raise
         except Exception as e:
-            self.failed(e)
+            cause = write_cause(e)  # a step may have wrapped it (an export that could not write)
+            self.failed(cause or e)
+            if cause is not None and not writable(self.dir.parent):
+                self.session.write_failure = cause
+                self.trial.study.stop()
             raise
-
+        except KeyboardInterrupt as e:
+            self.interrupted(e)
+            raise
     def apply(self, recipe: Recipe | dict[str, Any], model: nn.Module | str, hooks: Sequence[Any] = ()) -> ApplyResult:
         """The recipe applied for real into this trial's folder (steps' output muted unless verbose)."""
         s = self.session
@@ -301,6 +315,15 @@ class TrialRecorder:
                                            "traceback": traceback.format_exc(limit=-6)[-4000:]})
         self.trial.set_user_attr("seconds", self.seconds())
         _console.info(f"  [red]failed[/red] ({type(e).__name__}): {str(e).splitlines()[0][:300] if str(e) else ''}")
+
+    def interrupted(self, e: KeyboardInterrupt) -> None:
+        """A trial stopped by SIGTERM or Ctrl-C: recorded as failed (error ``Interrupted``)."""
+        shutil.rmtree(self.dir, ignore_errors=True)
+        how = str(e) if isinstance(e, Interrupted) else "interrupted by Ctrl-C (SIGINT)"
+        self.trial.set_user_attr("error", {"type": "Interrupted", "message": f"{how} after {self.seconds(1)} s",
+                                           "traceback": ""})
+        self.trial.set_user_attr("seconds", self.seconds())
+        _console.info(f"  [red]interrupted[/red]: {how}")
 
     def result(self, res: ApplyResult) -> Judged:
         """A finished trial's figures, constraints, step reports and speed verdicts into the study."""
