@@ -9,6 +9,7 @@ import os
 import random
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -39,9 +40,26 @@ def _study(out: Path) -> optuna.Study:
     return optuna.load_study(study_name=out.name, storage=f"sqlite:///{out / 'study.db'}")
 
 
+def _created(db: Path) -> bool:
+    """The study's database holds its schema and the study (read-only look: opening it with Optuna
+    while the search process is still creating it would race it to create the schema)."""
+    if not db.exists():
+        return False
+    try:
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1)
+        try:
+            stamped = con.execute("SELECT COUNT(*) FROM alembic_version").fetchone()[0]
+            studies = con.execute("SELECT COUNT(*) FROM studies").fetchone()[0]
+        finally:
+            con.close()
+    except sqlite3.Error:
+        return False
+    return stamped > 0 and studies > 0
+
+
 def _trials(out: Path) -> list[optuna.trial.FrozenTrial]:
     """The study's trials, or none while it is still being created."""
-    if not (out / "study.db").exists():
+    if not _created(out / "study.db"):
         return []
     try:
         return _study(out).trials
