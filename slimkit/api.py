@@ -26,11 +26,11 @@ from .measure import Target
 from .measure import profile as _profile
 from .models import ModelRef, resolve_model, save_model
 from .nas import NasResult, NasSpace, nas, nas_worker
-from .pipeline import ApplyResult, Recipe, apply_recipe, write_result
+from .pipeline import AccuracyVerdict, ApplyResult, Recipe, apply_recipe, fits_in, training_hints, write_result
 from .report import compare_table
 from .search import (Budget, CompressResult, CompressSpace, Search, Store, WorkerOptions, check_worker_args, compress,
-                     compress_worker, join_study, trial_counts)
-from .training import TrainConfig, evaluate, fit
+                     compress_worker, constraint_limits, constraint_values, figures_of, join_study, trial_counts)
+from .training import FROM_SCRATCH, TrainConfig, evaluate, fit
 
 __all__ = ["train", "profile", "apply", "compress", "nas", "worker", "demo", "TrainResult", "ApplyResult",
            "CompressResult", "NasResult", "ModelRef", "Target", "Budget", "Search", "Store", "CompressSpace",
@@ -61,6 +61,9 @@ def train(
 ) -> "TrainResult":
     """Train a model; with ``out``, write ``model.safetensors`` and ``train.json`` there.
 
+    Without ``config`` it trains as :data:`slimkit.training.FROM_SCRATCH` says: at least
+    ``epochs`` epochs and at least 2,000 optimisation steps (a small data set gets more epochs).
+
     >>> res = train("zoo:lenet300", "digits", epochs=2)
     >>> 0 <= res.report["test_accuracy"] <= 1
     True
@@ -70,7 +73,7 @@ def train(
     net = resolve_model(model, bundle, weights=weights)  # bad inputs fail before --out is created
     if out is not None:
         _io.prepare_out_dir(out, overwrite=overwrite, inputs=[weights])
-    cfg = config or TrainConfig(epochs=epochs, seed=seed)
+    cfg = config or TrainConfig(epochs=epochs, seed=seed, **FROM_SCRATCH)
     _console.info(f"training on {bundle.describe()}")
     report = fit(net, bundle, cfg)
     test_acc = evaluate(net, bundle.x_test, bundle.y_test)
@@ -85,6 +88,7 @@ def train(
         "test_accuracy": test_acc,
         "val_accuracy": report["best_val_accuracy"],
         "epochs": report["epochs_run"],
+        "steps": report["steps"],
         "best_epoch": report["best_epoch"],
         "kept_initial_weights": kept_initial,
         "seconds": round(report["seconds"], 2),
@@ -138,21 +142,27 @@ def apply(
     out: str | Path | None = None,
     overwrite: bool = False,
     seed: int = 0,
-    baseline: bool = True,
+    budget: Budget | None = Budget(),
 ) -> ApplyResult:
     """Run a recipe on a copy of the model, export, and measure the artifact on the target.
 
     With ``out``, writes ``model.onnx``, ``model.safetensors`` and ``result.json`` there
-    (each atomically; ``result.json`` last). The input model is never changed; ``baseline=False``
-    skips measuring it first.
+    (each atomically; ``result.json`` last). The input model is never changed.
+
+    ``budget``: what the result may cost against the input model, measured first on the same
+    split. By default it may lose 1 point of test accuracy (``Budget().max_accuracy_drop``);
+    latency, throughput and size limits are judged too when given. Past a limit the artifacts
+    are still written, ``result.json`` says ``within_budget: false`` and lists why under
+    ``not_met`` (the CLI exits 3). ``None`` measures no baseline and judges nothing.
 
     >>> res = apply([{"finetune": {"epochs": 1}}, "export"], "zoo:lenet300", "digits",
     ...             target=Target(max_seconds=0.1))
     >>> sorted(res.report)[:3]
-    ['baseline', 'batch_sizes', 'created']
+    ['accuracy', 'baseline', 'batch_sizes']
     """
     recipe = Recipe.coerce(recipe)
     recipe.validate(target.runtime)
+    limits = budget.resolve(target.batch_sizes) if budget is not None else None  # a bad budget fails first
     bundle = resolve_data(data, seed)
     ref = model if isinstance(model, ModelRef) else None
     weights = ref.weights if ref else None
@@ -161,14 +171,36 @@ def apply(
     recipe.check_model(net)  # e.g. unknown layer names: before anything is measured or --out created
     out_dir = _io.prepare_out_dir(out, overwrite=overwrite, inputs=[weights, spec if isinstance(spec, str) else None]) \
         if out else None
-    res = apply_recipe(recipe, net, bundle, target, out=out_dir, baseline=baseline)
+    res = apply_recipe(recipe, net, bundle, target, out=out_dir, baseline=limits is not None)
     name = (ref.name if ref else model) if not isinstance(model, nn.Module) else type(model).__name__
     res.report = {"model": name, "weights": str(weights) if weights else None, **res.report}
+    if limits is not None:
+        _judge(res.report, limits, target, out_dir)
     if out_dir is not None:
         write_result(out_dir, res.report)
     for note in res.report["not_met"]:
         _console.info(f"[yellow]not met[/yellow]: {note}")
     return res
+
+
+def _judge(report: dict[str, Any], budget: Budget, target: Target, out: Path | None) -> None:
+    """Judge an applied recipe against ``budget``: ``accuracy``, ``within_budget`` and ``not_met`` in ``report``."""
+    base, result = report["baseline"], report["result"]
+    verdict = AccuracyVerdict(float(base["accuracy"]), float(result["accuracy"]), budget.max_accuracy_drop,
+                              split=report["split"], hints=training_hints(fits_in(report["steps"])))
+    verdict.report()
+    report["accuracy"] = verdict.to_data()
+    if not verdict.within_budget:
+        report["not_met"].append(verdict.message(str(out) if out else "the result"))
+    costs = dataclasses.replace(budget, max_accuracy_drop=None)  # accuracy is judged above, with its hints
+    fig = figures_of(result, base)
+    sizes = [int(b) for b in target.batch_sizes]
+    limits = constraint_limits(costs, sizes)
+    for key, excess in constraint_values(costs, fig, sizes).items():
+        if excess > 0:
+            report["not_met"].append(f"over the budget: {key} is {limits[key] + excess:.4g} (limit {limits[key]:.4g}).")
+    report["budget"] = dataclasses.asdict(budget)
+    report["within_budget"] = not report["not_met"]
 
 
 # ----------------------------------------------------------------------------- worker

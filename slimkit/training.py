@@ -42,10 +42,16 @@ from .config import check
 from .data import DataBundle
 from .errors import ConfigError
 
-__all__ = ["TrainConfig", "fit", "evaluate", "distillation_loss"]
+__all__ = ["TrainConfig", "FROM_SCRATCH", "fit", "evaluate", "distillation_loss"]
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("cosine", "step", "constant")
+
+
+#: How ``slimkit train`` trains from scratch unless told otherwise. Measured on digits (1,222 training
+#: images, 4 seeds): 2,000 steps of batch 64 at lr 3e-3 reach 0.961-0.972 test accuracy (lenet300) and
+#: 0.975-0.978 (lenet5), where 10 epochs of batch 128 at 1e-3 (100 steps) reached 0.894 and 0.905.
+FROM_SCRATCH: dict[str, Any] = {"lr": 3e-3, "batch_size": 64, "min_steps": 2000}
 
 
 @dataclass
@@ -56,6 +62,9 @@ class TrainConfig:
     ``temperature`` and ``alpha`` apply when a teacher is given: the loss is
     ``alpha * T^2 * KL(student/T || teacher/T) + (1 - alpha) * cross-entropy``.
     ``max_batches``: cap on batches per epoch (None: the whole training split), for quick trials.
+    ``min_steps``: at least this many optimisation steps: on a small training split, epochs are
+    added until the run makes them (0: ``epochs`` as given). A capped epoch (``max_batches``, a
+    quick trial) is not stretched: there the cap is the budget.
     ``device``: where to train (``cpu``, ``cuda``...); the model comes back on the device it came from.
     """
 
@@ -74,8 +83,22 @@ class TrainConfig:
                          "Weight of the soft-target loss (1 - alpha: the hard labels)."})
     max_batches: int | None = field(default=None, metadata={"flag": "--max-batches", "help":
                                     "Cap on batches per epoch."})
+    min_steps: int = field(default=0, metadata={"flag": "--min-steps", "help":
+                           "At least this many optimisation steps: a small training split gets more epochs (0: epochs as given)."})
     seed: int = 0
     device: str = "cpu"
+
+    def planned_epochs(self, steps_per_epoch: int) -> int:
+        """The epochs a run makes: ``epochs``, raised to reach ``min_steps`` unless an epoch is capped.
+
+        >>> TrainConfig(epochs=10, min_steps=2000).planned_epochs(20)
+        100
+        >>> TrainConfig(epochs=10, min_steps=2000, max_batches=5).planned_epochs(5)
+        10
+        """
+        if not self.epochs or not self.min_steps or self.max_batches:
+            return self.epochs
+        return max(self.epochs, math.ceil(self.min_steps / max(steps_per_epoch, 1)))
 
     def __post_init__(self) -> None:
         check(self.epochs >= 0, "epochs", f"must be >= 0, got {self.epochs}")
@@ -89,6 +112,7 @@ class TrainConfig:
         check(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")
         check(0 <= self.alpha <= 1, "alpha", f"must be in [0, 1], got {self.alpha}")
         check(self.max_batches is None or self.max_batches >= 1, "max_batches", f"must be >= 1 or null, got {self.max_batches}")
+        check(self.min_steps >= 0, "min_steps", f"must be >= 0, got {self.min_steps}")
         check(self.device == "cpu" or self.device.split(":")[0] in ("cuda", "mps"), "device",
               f"got '{self.device}'; use cpu, cuda, cuda:N or mps")
 
@@ -163,7 +187,12 @@ def fit(
     steps_per_epoch = max(1, n // cfg.batch_size + (n % cfg.batch_size > 1))
     if cfg.max_batches:
         steps_per_epoch = min(steps_per_epoch, cfg.max_batches)
-    total_steps = steps_per_epoch * cfg.epochs
+    epochs = cfg.planned_epochs(steps_per_epoch)
+    if epochs > cfg.epochs:
+        _console.info(f"{label}: {n} training examples make {steps_per_epoch} steps an epoch; training {epochs} "
+                      f"epochs instead of {cfg.epochs} to make at least {cfg.min_steps} steps (min_steps)")
+    total_steps = steps_per_epoch * epochs
+    shown = max(1, epochs // 20)  # at most about 20 epoch lines on the console
     opt = _optimizer(model, cfg)
     base_lrs = [g["lr"] for g in opt.param_groups]
     teacher_home = next((p.device for p in teacher.parameters()), home) if teacher is not None else home
@@ -174,7 +203,7 @@ def fit(
 
     _call(hooks, "on_train_begin", model, total_steps)
     best_acc, best_state = -1.0, None
-    if cfg.epochs and all(_call(hooks, "checkpoint_ok", model, 0)):
+    if epochs and all(_call(hooks, "checkpoint_ok", model, 0)):
         best_acc, best_state = evaluate(model, data.x_val, data.y_val), copy.deepcopy(model.state_dict())
     best_epoch, since_best, step = 0, 0, 0
     history: list[dict[str, Any]] = []
@@ -182,7 +211,7 @@ def fit(
     t_start = time.perf_counter()
     with _console.progress() as bar:
         task = bar.add_task(label, total=total_steps, info="")
-        for epoch in range(1, cfg.epochs + 1):
+        for epoch in range(1, epochs + 1):
             t0 = time.perf_counter()
             model.train()
             perm = torch.randperm(n, generator=gen).to(device)
@@ -211,13 +240,14 @@ def fit(
                 _call(hooks, "on_step_end", model, step, total_steps)
                 running += float(loss.detach()) * len(idx)
                 seen += len(idx)
-                bar.update(task, advance=1, info=f"epoch {epoch}/{cfg.epochs} loss {running / max(seen, 1):.4f}")
+                bar.update(task, advance=1, info=f"epoch {epoch}/{epochs} loss {running / max(seen, 1):.4f}")
             val_acc = evaluate(model, data.x_val, data.y_val)
             record = {"epoch": epoch, "loss": running / max(seen, 1), "val_accuracy": val_acc,
                       "seconds": time.perf_counter() - t0}
             history.append(record)
-            _console.info(f"  {label} epoch {epoch}/{cfg.epochs}: loss {record['loss']:.4f}, "
-                          f"val accuracy {val_acc:.4f} ({record['seconds']:.1f}s)")
+            if epoch % shown == 0 or epoch == epochs:
+                _console.info(f"  {label} epoch {epoch}/{epochs}: loss {record['loss']:.4f}, "
+                              f"val accuracy {val_acc:.4f} ({record['seconds']:.1f}s)")
             if val_acc > best_acc and all(_call(hooks, "checkpoint_ok", model, epoch)):
                 best_acc, best_epoch, since_best = val_acc, epoch, 0
                 best_state = copy.deepcopy(model.state_dict())
@@ -236,6 +266,9 @@ def fit(
     model.eval()
     return {
         "epochs_run": len(history),
+        "steps": step,
+        "first_loss": history[0]["loss"] if history else None,
+        "last_loss": history[-1]["loss"] if history else None,
         "best_epoch": best_epoch,
         "best_val_accuracy": max(best_acc, 0.0),
         "stopped_early": stopped_early,

@@ -146,7 +146,7 @@ def test_apply_chain_and_reload(cli, trained, digits, tmp_path):
         "  - distill: {epochs: 1, batch_size: 64, features: {conv2: conv2}}\n  - export: {}\n")
     out = tmp_path / "run"
     r = cli("apply", tmp_path / "r.yaml", "--model", "zoo:lenet5", "--weights", weights, "--out", out,
-            "--batch", "1", "--max-seconds", "0.1", "--threads", "1")
+            "--batch", "1", "--max-seconds", "0.1", "--threads", "1", "--max-accuracy-drop", "1")
     assert r.code == 0, r
     res = json.loads((out / "result.json").read_text())
     assert [s["step"] for s in res["steps"]] == ["separable", "decompose", "distill", "export"]
@@ -177,7 +177,7 @@ def test_structured_pruning_after_separable_with_a_channel_multiplier(trained, d
     import slimkit
 
     model, _ = trained("lenet5")
-    res = slimkit.apply([{"separable": {"multiplier": 2}}, {"prune_structured": {"ratio": 0.47}}, "export"], model, digits, out=tmp_path / "sp", baseline=False, target=slimkit.Target("ort-cpu", threads=1, max_seconds=0.05, layers=False))
+    res = slimkit.apply([{"separable": {"multiplier": 2}}, {"prune_structured": {"ratio": 0.47}}, "export"], model, digits, out=tmp_path / "sp", budget=None, target=slimkit.Target("ort-cpu", threads=1, max_seconds=0.05, layers=False))
     step = next(s for s in res.report["steps"] if s["step"] == "prune_structured")
     assert "cannot be pruned" in step["skipped"]["conv1.1"]
     assert step["pruned_layers"]  # the rest was pruned

@@ -19,10 +19,12 @@ def recipe(tmp_path):
 
 
 def test_train_writes_weights_and_report(cli, tmp_path):
-    r = cli("train", "--model", "zoo:lenet300", "--data", "digits", "--epochs", "3", "--out", tmp_path / "t")
+    r = cli("train", "--model", "zoo:lenet300", "--data", "digits", "--epochs", "3", "--min-steps", "0",
+            "--out", tmp_path / "t")
     assert r.code == 0, r
     rep = json.loads((tmp_path / "t" / "train.json").read_text())
     assert rep["test_accuracy"] > 0.8 and rep["epochs"] == 3 and rep["seconds"] > 0
+    assert rep["steps"] == 3 * 20  # 1,222 training images in batches of 64
     m = load_model(weights=tmp_path / "t" / "model.safetensors")
     assert sum(p.numel() for p in m.parameters()) == 50_610
     assert "test accuracy" in r.out
@@ -144,9 +146,22 @@ def test_demo_runs_twice(cli, tmp_path):
     assert res["trials"]["total"] == 2 and "report.html" in r.err + r.out  # a fresh search each time
 
 
+@pytest.mark.parametrize("model,bar", [("lenet300", 0.96), ("lenet5", 0.97)])
+def test_train_defaults_make_enough_steps_on_a_small_set(cli, tmp_path, model, bar):
+    """Issue 13's bar: with its defaults `slimkit train` makes >= 2,000 steps on digits (1,222 images:
+    100 epochs, not 10) and reaches 0.96 (lenet300) / 0.97 (lenet5) test accuracy."""
+    r = cli("train", "--model", f"zoo:{model}", "--data", "digits", "--out", tmp_path / "t")
+    assert r.code == 0, r
+    rep = json.loads((tmp_path / "t" / "train.json").read_text())
+    assert rep["steps"] >= 2000 and rep["epochs"] == 100, rep["steps"]
+    assert rep["test_accuracy"] >= bar, rep["test_accuracy"]
+    assert "2000 steps" in " ".join(r.out.split())
+
+
 def test_train_that_never_beats_the_initial_weights_says_so_and_exits_3(cli, tmp_path):
     """No silent no-op: the weights written are the initial ones, and the command says it (exit 3)."""
-    r = cli("train", "--model", "zoo:lenet300", "--epochs", "1", "--lr", "1e-9", "--out", tmp_path / "t")
+    r = cli("train", "--model", "zoo:lenet300", "--epochs", "1", "--min-steps", "0", "--lr", "1e-9",
+            "--out", tmp_path / "t")
     assert r.code == 3, r
     assert "did not improve on the initial weights" in r.err and "--epochs" in r.err
     rep = json.loads((tmp_path / "t" / "train.json").read_text())

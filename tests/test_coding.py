@@ -211,7 +211,7 @@ def test_cli_rejects_bad_options_before_work(cli, trained, tmp_path, args, messa
 def test_deep_compress_recipe_step(trained, digits, tmp_path):
     model, _ = trained("lenet300")
     res = slimkit.apply([{"deep_compress": {"sparsity": 0.5, "bits": {"fc": 3}, "prune_epochs": 0,
-                                            "share_epochs": 0, "schedule": "one-shot"}}, "export"], model, digits, out=tmp_path / "run", baseline=False, target=slimkit.Target(batch_sizes=(1,), max_seconds=0.05, layers=False))
+                                            "share_epochs": 0, "schedule": "one-shot"}}, "export"], model, digits, out=tmp_path / "run", budget=None, target=slimkit.Target(batch_sizes=(1,), max_seconds=0.05, layers=False))
     step = next(s for s in res.report["steps"] if s["step"] == "deep_compress")
     assert step["bit_exact"] and step["packed_ratio"] > 5
     packed = tmp_path / "run" / "model.slim"  # apply(out=DIR) keeps the packed file

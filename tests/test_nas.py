@@ -468,3 +468,15 @@ def test_supernet_training_moves_every_sub_network(digits):
     assert len(changed) == len(before)  # the largest sub-network touches every shared weight
     acc, model = evaluate_subnet(sn, sn.space.smallest(), digits)
     assert 0 <= acc <= 1 and isinstance(model, torch.nn.Module)
+
+
+def test_result_json_is_what_the_written_files_measure(search, teacher, digits, tmp_path):
+    """Issue 13, item 6: test accuracy exact, the latency ratio to the baseline (the teacher) within 25%."""
+    from slimkit.export import export_onnx
+
+    from .honesty import check_result_figures
+
+    out = search["out"]
+    report = json.loads((out / "result.json").read_text())
+    baseline_onnx = export_onnx(load_model(weights=teacher), tmp_path / "teacher.onnx", digits.example(2))
+    check_result_figures(report, baseline_onnx, out / "best.onnx", digits, (1,))

@@ -25,7 +25,7 @@ def _scratch_dirs() -> set[Path]:
 def test_apply_without_out_leaves_no_temporary_folder(trained, digits):
     model, _ = trained("lenet300")
     before = _scratch_dirs()
-    res = slimkit.apply(["export"], model, digits, baseline=False, target=Target(batch_sizes=(1,), max_seconds=0.05,
+    res = slimkit.apply(["export"], model, digits, budget=None, target=Target(batch_sizes=(1,), max_seconds=0.05,
                                                                                  layers=False))
     assert res.onnx_path.is_file()  # usable while the result lives
     folder = res.onnx_path.parent

@@ -454,7 +454,7 @@ def test_sparse_storage_of_a_qat_artifact_is_judged_against_the_dense_file(train
 
     model, _ = trained("lenet5")
     res = slimkit.apply([{"prune_unstructured": {"sparsity": 0.6}}, {"qat": {"epochs": 1, "max_batches": 5}},
-                         "export", "store_sparse"], model, digits, out=tmp_path / "q", baseline=False, target=slimkit.Target("ort-cpu", threads=1, max_seconds=0.05, layers=False))
+                         "export", "store_sparse"], model, digits, out=tmp_path / "q", budget=None, target=slimkit.Target("ort-cpu", threads=1, max_seconds=0.05, layers=False))
     step = next(s for s in res.report["steps"] if s["step"] == "store_sparse")
     assert step["dense_agreement"]["top1_agreement"] == 1.0 and step["dense_agreement"]["max_abs_diff"] < 1e-4
     assert step["sparse_bytes"] <= step["dense_bytes"]  # int8 values with int64 indices would not pay: kept dense

@@ -49,7 +49,7 @@ def _check_verdict(step, batch_sizes=("1", "64")):
 
 def test_static_int8_runs_integer_kernels_and_keeps_accuracy(trained, digits):
     model, _ = trained("lenet5")
-    res = slimkit.apply([{"quantize_static": {"calibration_size": 128}}], model, digits, baseline=False, target=slimkit.Target(max_seconds=0.1, layers=False))
+    res = slimkit.apply([{"quantize_static": {"calibration_size": 128}}], model, digits, budget=None, target=slimkit.Target(max_seconds=0.1, layers=False))
     step = _step(res, "quantize_static")
     # the optimised graph ONNX Runtime runs holds integer kernels for every conv and linear layer
     assert step["int8_ops"]["QLinearConv"] == 2 and step["int8_ops"]["QGemm"] == 2
@@ -80,7 +80,7 @@ def test_static_keep_float_and_other_calibrations(trained, digits, tmp_path):
 
 def test_dynamic_int8_on_ort(trained, digits):
     model, _ = trained("lenet300")
-    res = slimkit.apply(["export", "quantize_dynamic"], model, digits, baseline=False, target=slimkit.Target(max_seconds=0.1, layers=False))
+    res = slimkit.apply(["export", "quantize_dynamic"], model, digits, budget=None, target=slimkit.Target(max_seconds=0.1, layers=False))
     step = _step(res, "quantize_dynamic")
     assert step["int8_ops"] == {"DynamicQuantizeMatMul": 3}
     assert step["accuracy"]["float"] - step["accuracy"]["int8"] <= TOL_POINTS / 100
@@ -90,13 +90,13 @@ def test_dynamic_int8_on_ort(trained, digits):
 def test_slower_int8_is_reported_and_can_be_reverted(trained, digits):
     """ConvInteger (dynamic INT8 of convolutions) is far slower than float convs on CPU."""
     model, _ = trained("lenet5")
-    kept = slimkit.apply([{"quantize_dynamic": {"ops": "all"}}], model, digits, baseline=False, target=slimkit.Target(batch_sizes=(64,), max_seconds=0.3, layers=False))
+    kept = slimkit.apply([{"quantize_dynamic": {"ops": "all"}}], model, digits, budget=None, target=slimkit.Target(batch_sizes=(64,), max_seconds=0.3, layers=False))
     step = _step(kept, "quantize_dynamic")
     assert step["int8_ops"]["ConvInteger"] == 2
     assert step["faster"] is False and step["faster_at"] == {"64": False}
     assert step["latency_ms"]["int8"]["64"] > step["latency_ms"]["float"]["64"]  # both latencies reported
     assert int8_ops(kept.onnx_path)["ConvInteger"] == 2  # if_slower: keep (default) keeps the INT8 artifact
-    reverted = slimkit.apply([{"quantize_dynamic": {"ops": "all", "if_slower": "revert"}}], model, digits, baseline=False, target=slimkit.Target(batch_sizes=(64,), max_seconds=0.3, layers=False))
+    reverted = slimkit.apply([{"quantize_dynamic": {"ops": "all", "if_slower": "revert"}}], model, digits, budget=None, target=slimkit.Target(batch_sizes=(64,), max_seconds=0.3, layers=False))
     step = _step(reverted, "quantize_dynamic")
     assert step["faster"] is False and step["applied"] is False
     assert int8_ops(reverted.onnx_path) == {}  # the float artifact is the result
@@ -123,7 +123,7 @@ def test_dynamic_int8_on_torch_saves_reloads_and_profiles(trained, digits, tmp_p
 
 def test_qat_exports_to_integer_kernels_and_reloads(trained, digits, tmp_path):
     model, _ = trained("lenet5")
-    res = slimkit.apply([{"qat": {"epochs": 1, "calibration_size": 128}}], model, digits, out=tmp_path / "qat", baseline=False, target=slimkit.Target(max_seconds=0.1, layers=False))
+    res = slimkit.apply([{"qat": {"epochs": 1, "calibration_size": 128}}], model, digits, out=tmp_path / "qat", budget=None, target=slimkit.Target(max_seconds=0.1, layers=False))
     qat = _step(res, "qat")
     assert qat["layers"] == ["conv1", "conv2", "fc1", "fc2"]
     assert sum(isinstance(m, FakeQuant) for m in res.model.modules()) == 8
@@ -150,7 +150,7 @@ def test_qat_folds_batchnorm_on_resnet(trained, digits):
     with torch.no_grad():
         assert torch.allclose(model(x), ref, atol=1e-4)
     model2, _ = trained("resnet", width=0.5)
-    res = slimkit.apply([{"qat": {"epochs": 0, "calibration_size": 128}}], model2, digits, baseline=False, target=slimkit.Target(batch_sizes=(8,), max_seconds=0.05, layers=False))
+    res = slimkit.apply([{"qat": {"epochs": 0, "calibration_size": 128}}], model2, digits, budget=None, target=slimkit.Target(batch_sizes=(8,), max_seconds=0.05, layers=False))
     export = _step(res, "export")
     n_conv = sum(isinstance(m, nn.Conv2d) for m in model2.modules())
     assert export["int8_ops"]["QLinearConv"] == n_conv and export["int8_ops"].get("QLinearAdd", 0) >= 1
@@ -217,7 +217,7 @@ def test_static_int8_of_a_sparse_stored_artifact(trained, digits):
     """After store_sparse (ONNX sparse initializers) the weights are made dense for the quantizer."""
     model, _ = trained("lenet5")
     res = slimkit.apply([{"prune_unstructured": {"sparsity": 0.8}}, "export", "store_sparse",
-                         {"quantize_static": {"calibration_size": 64}}], model, digits, baseline=False, target=slimkit.Target(batch_sizes=(1,), max_seconds=0.05, layers=False))
+                         {"quantize_static": {"calibration_size": 64}}], model, digits, budget=None, target=slimkit.Target(batch_sizes=(1,), max_seconds=0.05, layers=False))
     step = _step(res, "quantize_static")
     assert step["densified_sparse_weights"] >= 3 and step["int8_ops"]["QLinearConv"] == 2
     assert step["agreement"]["top1_agreement"] >= MIN_AGREEMENT

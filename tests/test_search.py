@@ -338,3 +338,12 @@ def test_search_over_every_registered_method(searches, weights):
         assert (out / "best.onnx").exists()
     else:
         assert res["best"] is None and err.exit_code == 3
+
+
+def test_result_json_is_what_the_written_files_measure(finished, digits):
+    """Issue 13, item 6: test accuracy exact, the latency ratio to the baseline within 25% (side by side)."""
+    from .honesty import check_result_figures
+
+    out = finished
+    report = json.loads((out / "result.json").read_text())
+    check_result_figures(report, out / "baseline.onnx", out / "best.onnx", digits, (1, 16))

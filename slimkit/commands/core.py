@@ -18,18 +18,24 @@ from ..measure import Target
 from ..models import ModelRef
 from ..pipeline import Recipe, get_step, step_names
 from ..report import compare_table, layers_table, profile_table
-from ..search import Search
-from ..training import TrainConfig
+from ..search import Budget, Search
+from ..training import FROM_SCRATCH, TrainConfig
 from ._app import OVERWRITE, SEED, DataOpt, QuietOpt, command, option, options, require_model, run_out, stdout
 
-__all__ = ["train", "profile", "apply", "demo", "steps"]
+__all__ = ["train", "profile", "apply", "demo", "steps", "finish_apply", "BUDGET_HELP"]
+
+
+# How a command that changes a model reads --max-accuracy-drop (the search's flag, a per-command meaning)
+BUDGET_HELP = {"max_accuracy_drop": "Test accuracy the model may lose, as a fraction (0.01 = 1 point); past it the "
+               "artifacts are still written, result.json says within_budget: false and the command exits 3."}
 
 
 @command()
 def train(
     model: ModelRef = options(ModelRef, only=("spec", "weights")),
     data: DataOpt = "digits",
-    config: TrainConfig = options(TrainConfig, only=("epochs", "lr", "batch_size", "optimizer", "patience")),
+    config: TrainConfig = options(TrainConfig, only=("epochs", "min_steps", "lr", "batch_size", "optimizer", "patience"),
+                                   defaults=FROM_SCRATCH),
     out: Path = run_out("runs/train", "Folder for model.safetensors and train.json."),
     seed: int = SEED,
     overwrite: bool = OVERWRITE,
@@ -43,7 +49,8 @@ def train(
     res = api.train(model.spec, data, epochs=cfg.epochs, out=out, weights=model.weights, config=cfg, seed=seed,
                     overwrite=overwrite)
     r = res.report
-    stdout.print(f"test accuracy {r['test_accuracy']:.4f} after {r['epochs']} epochs ({r['seconds']:.1f}s); "
+    stdout.print(f"test accuracy {r['test_accuracy']:.4f} after {r['epochs']} epochs, {r['steps']} steps "
+                 f"({r['seconds']:.1f}s); "
                  f"wrote {out}/model.safetensors and {out}/train.json")
     if r["kept_initial_weights"]:
         raise NotMetError(f"training did not improve on the initial weights in {r['epochs']} epochs (validation "
@@ -81,6 +88,7 @@ def apply(
     model: ModelRef = options(ModelRef),
     data: DataOpt = "digits",
     target: Target = options(Target),
+    budget: Budget = options(Budget, help=BUDGET_HELP),
     out: Path = run_out("runs/apply"),
     seed: int = SEED,
     overwrite: bool = OVERWRITE,
@@ -90,11 +98,16 @@ def apply(
     _console.set_quiet(quiet)
     rec = Recipe.load(recipe)  # a bad recipe fails here, before anything is loaded
     require_model(model.spec, model.weights)
-    res = api.apply(rec, model, data, out=out, overwrite=overwrite, seed=seed, target=target)
-    stdout.print(compare_table(res.report["baseline"], res.report["result"], title=str(recipe)))
+    res = api.apply(rec, model, data, out=out, overwrite=overwrite, seed=seed, target=target, budget=budget)
+    finish_apply(res.report, out, title=str(recipe))
+
+
+def finish_apply(report: dict, out: Path, title: str) -> None:
+    """Print an applied recipe's before/after table; exit 3 (:class:`NotMetError`) when a request was not met."""
+    stdout.print(compare_table(report["baseline"], report["result"], title=title))
     stdout.print(f"wrote {out}/model.onnx, {out}/model.safetensors, {out}/result.json")
-    if res.report["not_met"]:
-        raise NotMetError(" ".join(res.report["not_met"]) + f" The artifacts in {out} are written; result.json lists "
+    if report["not_met"]:
+        raise NotMetError(" ".join(report["not_met"]) + f" The artifacts in {out} are written; result.json lists "
                           "this under not_met.")
 
 

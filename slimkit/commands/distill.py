@@ -19,9 +19,11 @@ from ..measure import Target
 from ..methods.decompose import LowRank
 from ..methods.distill import Distill
 from ..models import ModelRef
-from ..pipeline import ApplyResult, Export, Finetune, Recipe, Step
-from ..report import compare_table, fmt_count
+from ..pipeline import Export, Finetune, Recipe, Step
+from ..report import fmt_count
 from ..training import TrainConfig
+from ..search import Budget
+from .core import BUDGET_HELP, finish_apply
 from ._app import OVERWRITE, SEED, DataOpt, QuietOpt, command, option, options, require_model, run_out, stdout
 
 
@@ -54,9 +56,6 @@ def _ranks(values: list[str] | None) -> dict[str, int | list[int] | None]:
     return out
 
 
-def _finish(res: ApplyResult, out: Path) -> None:
-    stdout.print(compare_table(res.report["baseline"], res.report["result"], title=f"{out}"))
-    stdout.print(f"wrote {out}/model.onnx, {out}/model.safetensors, {out}/result.json")
 
 
 @command("distill")
@@ -72,6 +71,7 @@ def distill_cmd(
     feature: Annotated[Optional[list[str]], typer.Option("--feature", help="Feature pair STUDENT_LAYER=TEACHER_LAYER (repeatable); a 1x1 conv / linear adapter bridges different widths.")] = None,
     feature_weight: Annotated[float, typer.Option(help="Weight of the feature loss.")] = 1.0,
     target: Target = options(Target),
+    budget: Budget = options(Budget, only=("max_accuracy_drop",), help=BUDGET_HELP),
     trust_pickle: bool = option(ModelRef, "trust_pickle"),
     seed: int = SEED,
     overwrite: bool = OVERWRITE,
@@ -89,11 +89,11 @@ def distill_cmd(
                   patience=None, student=student, student_weights=str(student_weights) if student_weights else None)
     recipe = Recipe([Step("distill", cfg), Step("export", Export())])
     res = api.apply(recipe, ModelRef(teacher, teacher_weights, trust_pickle), data, target=target, out=out,
-                    overwrite=overwrite, seed=seed)
+                    overwrite=overwrite, seed=seed, budget=budget)
     step = res.report["steps"][0]
     stdout.print(f"student {student}: KL to the teacher {step['teacher_gap_before']:.4f} -> "
                  f"{step['teacher_gap_after']:.4f} (validation, T={cfg.temperature:g})")
-    _finish(res, out)
+    finish_apply(res.report, out, title=f"{out}")
 
 
 @command("decompose")
@@ -110,6 +110,7 @@ def decompose_cmd(
     finetune_epochs: Annotated[int, typer.Option("--finetune-epochs", help="Fine-tune epochs after decomposing, distilled from the original (0: none).")] = 3,
     lr: float = option(TrainConfig, "lr", default=5e-4, help="Fine-tune learning rate."),
     target: Target = options(Target),
+    budget: Budget = options(Budget, only=("max_accuracy_drop",), help=BUDGET_HELP),
     seed: int = SEED,
     overwrite: bool = OVERWRITE,
     quiet: QuietOpt = False,
@@ -122,7 +123,7 @@ def decompose_cmd(
     if finetune_epochs:
         steps.append(Step("finetune", Finetune(epochs=finetune_epochs, lr=lr, seed=seed)))
     res = api.apply(Recipe(steps + [Step("export", Export())]), model, data, target=target, out=out,
-                    overwrite=overwrite, seed=seed)
+                    overwrite=overwrite, seed=seed, budget=budget)
     t = Table(title="decomposed layers")
     for col in ("layer", "kind", "rank", "rel. error", "params", "MACs", "note"):
         t.add_column(col, justify="left" if col in ("layer", "kind", "note") else "right")
@@ -135,4 +136,4 @@ def decompose_cmd(
                   f"{row['rel_error']:.3f}" if "rel_error" in row else "-", size, macs,
                   "" if row["replaced"] else row.get("reason", ""))
     stdout.print(t)
-    _finish(res, out)
+    finish_apply(res.report, out, title=f"{out}")

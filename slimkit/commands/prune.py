@@ -12,11 +12,14 @@ import typer
 from rich.table import Table
 
 from .. import _console
-from ..errors import SlimkitError
+from ..errors import NotMetError, SlimkitError
 from ..methods.prune import LotteryConfig, SensitivityConfig, lottery as _lottery, sensitivity as _sensitivity
 from ..models import ModelRef
+from ..pipeline import AccuracyVerdict
+from ..search import Budget
 from ..training import TrainConfig
-from ._app import OVERWRITE, SEED, DataOpt, QuietOpt, command, options, require_model, run_out, stdout
+from .core import BUDGET_HELP
+from ._app import OVERWRITE, SEED, DataOpt, QuietOpt, command, option, options, require_model, run_out, stdout
 
 
 def _floats(text: str, flag: str) -> list[float]:
@@ -86,6 +89,7 @@ def lottery(
                                   help={"epochs": "Training budget per network."}),
     scope: Annotated[str, typer.Option(help="global (one magnitude threshold) or layer (each layer loses the same fraction).")] = "global",
     control: Annotated[bool, typer.Option("--control/--no-control", help="Train the random-reinit control each round.")] = True,
+    max_accuracy_drop: Optional[float] = option(Budget, "max_accuracy_drop", help=BUDGET_HELP["max_accuracy_drop"]),
     out: Path = run_out("runs/lottery",
                         "Folder for lottery.json, lottery.png, model.safetensors, ticket.safetensors."),
     seed: int = SEED,
@@ -96,7 +100,8 @@ def lottery(
     _console.set_quiet(quiet)
     require_model(model.spec, model.weights, "zoo:lenet300")
     rounds_cfg = LotteryConfig(rounds=rounds, rate=rate, rewind_epoch=rewind_epoch, scope=scope, control=control)
-    res = _lottery(model, data, rounds_cfg, train=dataclasses.replace(config, seed=seed), out=out, overwrite=overwrite)
+    res = _lottery(model, data, rounds_cfg, train=dataclasses.replace(config, seed=seed), out=out, overwrite=overwrite,
+                   max_accuracy_drop=max_accuracy_drop)
     t = Table(title=f"lottery tickets (rate {rate}, rewind to epoch {rewind_epoch}): test accuracy")
     for col in ("round", "weights remaining", "ticket", "random reinit"):
         t.add_column(col, justify="right")
@@ -106,3 +111,7 @@ def lottery(
                   "-" if ctrl is None else f"{ctrl:.4f}")
     stdout.print(t)
     stdout.print(f"wrote {', '.join(res.report['files'].values())}")
+    acc = res.report["accuracy"]
+    if not res.report["within_budget"]:
+        raise NotMetError(AccuracyVerdict(acc["before"], acc["after"], max_accuracy_drop,
+                                          hints=acc["hints"]).message(str(out), "lottery.json"))

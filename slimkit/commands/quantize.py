@@ -12,11 +12,14 @@ from rich.table import Table
 
 from .. import _console, _io
 from ..data import resolve_data
-from ..errors import ConfigError
+from ..errors import ConfigError, NotMetError
 from ..methods.coding import DeepCompression, deep_compress as _deep_compress, paper_table, parse_layer_values
 from ..models import ModelRef, resolve_model
+from ..pipeline import AccuracyVerdict
 from ..report import fmt_bytes
+from ..search import Budget
 from ..training import TrainConfig
+from .core import BUDGET_HELP
 from ._app import OVERWRITE, SEED, DataOpt, QuietOpt, command, option, options, require_model, run_out, stdout
 
 
@@ -40,11 +43,14 @@ def deep_compress(
     prune_epochs: Annotated[int, typer.Option("--prune-epochs", help="Fine-tuning epochs after (during, with agp) pruning.")] = 8,
     share_epochs: Annotated[int, typer.Option("--share-epochs", help="Epochs of centroid fine-tuning after weight sharing.")] = 2,
     schedule: Annotated[str, typer.Option(help="Pruning schedule: agp (gradual) or one-shot.")] = "agp",
-    lr: float = option(TrainConfig, "lr", help="Learning rate after pruning."),
+    lr: float = option(TrainConfig, "lr", default=DeepCompression.lr, help="Learning rate after pruning."),
     share_lr: Annotated[float, typer.Option("--share-lr", help="Learning rate of the centroid fine-tuning.")] = 2e-4,
     batch_size: int = option(TrainConfig, "batch_size"),
     max_batches: Optional[int] = option(TrainConfig, "max_batches", help="Cap on batches per fine-tuning epoch."),
     no_distill: Annotated[bool, typer.Option("--no-distill", help="Fine-tune on labels only (default: the original model teaches).")] = False,
+    min_steps: int = option(TrainConfig, "min_steps", default=DeepCompression.min_steps,
+                            help="At least this many optimisation steps in each fine-tune (a small data set gets more epochs)."),
+    max_accuracy_drop: Optional[float] = option(Budget, "max_accuracy_drop", help=BUDGET_HELP["max_accuracy_drop"]),
     out: Path = run_out("runs/deep-compress", "Folder for model.slim and result.json."),
     seed: int = SEED,
     overwrite: bool = OVERWRITE,
@@ -60,14 +66,14 @@ def deep_compress(
             index_bits=parse_layer_values(index_bits, int, "index_bits"),
             skip=[s.strip() for s in skip.split(",") if s.strip()],
             prune_epochs=prune_epochs, share_epochs=share_epochs, schedule=schedule, lr=lr, share_lr=share_lr,
-            batch_size=batch_size, max_batches=max_batches, distill=not no_distill, seed=seed,
+            batch_size=batch_size, max_batches=max_batches, min_steps=min_steps, distill=not no_distill, seed=seed,
         )
     bundle = resolve_data(data, seed)
     net = resolve_model(model, bundle)
     with _named_flags():
         cfg.check_model(net)  # unknown layer names: before any work
     _io.prepare_out_dir(out, overwrite=overwrite, inputs=[model.weights])
-    res = _deep_compress(net, bundle, cfg, out=out, overwrite=True)
+    res = _deep_compress(net, bundle, cfg, out=out, overwrite=True, max_accuracy_drop=max_accuracy_drop)
     r = res.report
     _, rows = paper_table(r)
     table = Table(title=f"Deep Compression of {model.name} on {bundle.name} (P prune, Q share, H Huffman)")
@@ -82,3 +88,6 @@ def deep_compress(
                  f"{t['entropy_bound_bytes']:,.0f} B); test accuracy {acc['before']:.4f} -> {acc['after']:.4f} "
                  f"({-acc['drop_points']:+.2f} pts)")
     stdout.print(f"wrote {out}/model.slim and {out}/result.json")
+    verdict = AccuracyVerdict(acc["before"], acc["after"], max_accuracy_drop, hints=acc["hints"])
+    if not verdict.within_budget:
+        raise NotMetError(verdict.message(str(out)))

@@ -29,6 +29,7 @@ from ..config import check
 from ..data import DataBundle, resolve_data
 from ..errors import ConfigError
 from ..models import ModelRef, resolve_model, save_model
+from ..pipeline import AccuracyVerdict
 from ..training import TrainConfig, evaluate, fit
 from ._prune_masks import MaskHook, apply_masks_, compute_masks_, masks_of, prunable_layers, set_masks, sparsity_report
 
@@ -96,6 +97,7 @@ def lottery(
     train: TrainConfig | None = None,
     out: str | Path | None = None,
     overwrite: bool = False,
+    max_accuracy_drop: float | None = 0.01,
 ) -> LotteryResult:
     """Iterative magnitude pruning with weight rewinding, plus the random-reinit control each round.
 
@@ -108,7 +110,9 @@ def lottery(
     With ``out``: ``lottery.json`` (per round: fraction of weights remaining, test accuracy of
     the ticket and of the control), ``lottery.png``, ``model.safetensors`` (the final trained
     ticket) and ``ticket.safetensors`` (the final mask applied to the rewound weights: the
-    ticket before training).
+    ticket before training). ``report["accuracy"]`` judges the final ticket against the dense
+    network; past ``max_accuracy_drop`` (a fraction; ``None``: no limit) ``report["within_budget"]``
+    is false (the files are still written).
 
     >>> res = lottery("zoo:lenet300", "digits", LotteryConfig(rounds=2, rewind_epoch=0),
     ...               train=TrainConfig(epochs=2))  # doctest: +SKIP
@@ -175,6 +179,13 @@ def lottery(
         "scope": scope, "pruned_layers": targets, "seconds": round(time.perf_counter() - t0, 1),
         "train": dataclasses.asdict(cfg),
     }
+    last = rows[-1]
+    verdict = AccuracyVerdict(dense_acc, float(last["ticket_accuracy"] or 0.0), max_accuracy_drop,
+                              hints=[f"the last ticket keeps {last['remaining']:.1%} of the weights: fewer rounds "
+                                     "(--rounds) or a lower --rate keep more"] if rounds else [])
+    verdict.report()
+    report["accuracy"] = verdict.to_data()
+    report["within_budget"] = verdict.within_budget
     if out_dir is not None:
         save_model(net, out_dir / "model.safetensors")
         ticket = copy.deepcopy(net)

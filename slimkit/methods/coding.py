@@ -43,7 +43,7 @@ from ..data import DataBundle
 from ..errors import ConfigError, SlimkitError
 from ..export.packed import CodedTensor, read_packed, write_packed
 from ..layers import LayerSelection, family_of
-from ..pipeline import Context, Finetune, register_space, register_step
+from ..pipeline import AccuracyVerdict, Context, Finetune, register_space, register_step, training_hints
 from ..training import evaluate, fit
 from .prune import Unstructured, finalize_, masks_of, prune_
 
@@ -92,7 +92,11 @@ class DeepCompression:
     (names, globs or blocks).
     ``prune_epochs`` fine-tune after pruning (``schedule`` ``agp`` prunes gradually during
     them), ``share_epochs`` fine-tune the centroids; ``lr`` / ``share_lr`` their learning rates;
-    ``distill``: the model before compression teaches both fine-tunes. ``device``: where the
+    ``distill``: the model before compression teaches both fine-tunes. ``min_steps``: each
+    fine-tune makes at least this many optimisation steps (a small data set gets more epochs;
+    0: the epochs as given). On digits, 8 epochs of 10 steps at lr 1e-3 let lenet300 at sparsity
+    0.9 fall from 0.964 to 0.58 test accuracy; 3,000 steps at 2e-3 keep it within 0.3-1.1 points
+    (3 seeds). ``device``: where the
     fine-tunes run (``cpu``, ``cuda``...); the packed weights do not depend on it.
     """
 
@@ -103,11 +107,12 @@ class DeepCompression:
     prune_epochs: int = 8
     share_epochs: int = 2
     schedule: str = "agp"
-    lr: float = 1e-3
+    lr: float = 2e-3
     share_lr: float = 2e-4
     distill: bool = True
     batch_size: int = 128
     max_batches: int | None = None
+    min_steps: int = 3000
     seed: int = 0
     device: str = "cpu"
 
@@ -134,6 +139,7 @@ class DeepCompression:
         check(0 < self.share_lr < 10, "share_lr", f"must be in (0, 10), got {self.share_lr}")
         check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
         check(self.max_batches is None or self.max_batches >= 1, "max_batches", f"must be >= 1 or null, got {self.max_batches}")
+        check(self.min_steps >= 0, "min_steps", f"must be >= 0, got {self.min_steps}")
 
     def check_model(self, model: nn.Module) -> None:
         self.plan(model)
@@ -163,7 +169,7 @@ class DeepCompression:
 
     def finetune(self, epochs: int, lr: float) -> Finetune:
         return Finetune(epochs=epochs, lr=lr, distill=self.distill, batch_size=self.batch_size,
-                        max_batches=self.max_batches, seed=self.seed, device=self.device)
+                        max_batches=self.max_batches, min_steps=self.min_steps, seed=self.seed, device=self.device)
 
 
 # ----------------------------------------------------------------------------- weight sharing
@@ -410,12 +416,16 @@ def deep_compress(
     overwrite: bool = False,
     teacher: nn.Module | None = None,
     hooks: list[Any] | tuple[Any, ...] = (),
+    max_accuracy_drop: float | None = 0.01,
 ) -> DeepCompressed:
     """Deep Compression of a copy of ``model`` (the input is not changed); see the module docs.
 
     With ``out``, writes ``out/model.slim`` and ``out/result.json`` (per-layer and total
     bytes, the ratio against the fp32 dense weights, the entropy bound of the stored symbols,
     test accuracy before and after). Returns the weight-shared model, the report and the path.
+    Past ``max_accuracy_drop`` of test accuracy (a fraction; ``None``: no limit) everything is
+    still written, but ``report["within_budget"]`` is false and ``report["accuracy"]["hints"]``
+    says what the fine-tunes show (a loss that rose while the sparsity ramped, too few steps).
 
     >>> from slimkit.data import load_data
     >>> from slimkit.models import create_model
@@ -439,6 +449,13 @@ def deep_compress(
         report = _deep_compress_(net, data, cfg, packed, teacher=teacher, hooks=hooks)
     path = packed if out_dir is not None else None  # a temporary file is gone
     report["data"] = data.name
+    acc = report["accuracy"]
+    fits = [(what, report.get(key) if key == "share_finetune" else report.get("prune", {}).get("finetune"))
+            for what, key in (("pruning fine-tune", "prune"), ("centroid fine-tune", "share_finetune"))]
+    verdict = AccuracyVerdict(acc["before"], acc["after"], max_accuracy_drop,
+                              hints=training_hints([(w, r) for w, r in fits if isinstance(r, dict)]))
+    acc.update(verdict.to_data())
+    report["within_budget"] = verdict.within_budget
     if out_dir is not None:
         report["files"] = {"packed": str(out_dir / "model.slim"), "report": str(out_dir / "result.json")}
         _io.write_json(out_dir / "result.json", report)

@@ -345,6 +345,8 @@ def load_model(
     ``num_classes`` default to the ones stored in it and recorded structural changes are
     replayed, so a pruned or decomposed model loads as itself.
     """
+    if spec and weights is None and str(spec).endswith(".safetensors"):
+        spec, weights = None, spec  # a weights file given as the model: it names its own architecture
     meta = read_metadata(weights) if weights else {}
     spec = spec or meta.get("model")
     if not spec:

@@ -27,7 +27,7 @@ from ..errors import NoFeasibleTrialError
 from ..measure import Target, profile
 from ..measure.timing import medians, side_by_side
 from ..models import load_model
-from ..pipeline import Recipe, recipe_summary
+from ..pipeline import Recipe, recipe_summary, time_side_by_side
 from ..report.html import render_report
 from ._record import RESULT_FILES, SearchRecord
 from ._study import redact
@@ -244,6 +244,7 @@ def write_results(study: Any, session: Session, *, storage: str, out: Path,
     with _console.status("measuring the best model on the test split"):
         result = _measure_test(session, out, onnx="best.onnx", weights="best.safetensors",
                                batch_sizes=cfg.batch_sizes, layers=True)
+    headline = _headline(report["baseline"], result, session, out)
     pareto_rows = []
     for t in sorted(pareto_ts, key=lambda t: t.user_attrs["figures"]["latency_ratio"]):
         f_dir, _ = (folder, rebuilt) if t.number == best_t.number else _artifacts(t, session)
@@ -263,10 +264,29 @@ def write_results(study: Any, session: Session, *, storage: str, out: Path,
               **({"final": {"recipe": done["recipe"], "note": done["note"]}} if done else {})},
         pareto=pareto_rows,
         files=files,
+        **({"headline": headline} if headline else {}),
     )
     _io.write_text(out / "report.html", render_report(report, rows))
     _io.write_json(out / "result.json", report)
     return report
+
+
+def _headline(baseline: dict[str, Any], result: dict[str, Any], session: Session, out: Path) -> dict[str, Any] | None:
+    """Time ``baseline.onnx`` and ``best.onnx`` side by side and make those medians the headline.
+
+    The baseline was timed when the study began and the best model at the end, minutes apart on
+    a machine whose load changes; here both are timed in the same interleaved rounds.
+    """
+    cfg = session.record
+    base_onnx = out / "baseline.onnx"
+    if cfg.target != "ort-cpu" or not base_onnx.is_file():
+        return None
+    target = Target(cfg.target, tuple(cfg.batch_sizes), cfg.threads, max(cfg.max_seconds, 0.5))
+    time_side_by_side(baseline, result, base_onnx, out / "best.onnx", session.data, target, rounds=7)
+    ms = {name: {b: t["median"] for b, t in figures["latency_ms"].items()}
+          for name, figures in (("baseline", baseline), ("best", result))}
+    return {"how": "baseline.onnx and best.onnx timed side by side in 7 interleaved rounds (medians)",
+            "latency_ms": ms, "speedup": {b: ms["baseline"][b] / ms["best"][b] for b in ms["best"] if ms["best"][b] > 0}}
 
 
 def _confirm_fastest(trials: list[Any], session: Session, *, top: int = 3, rounds: int = 3) -> tuple[Any, Any]:

@@ -26,6 +26,7 @@ import hashlib
 import os
 import re
 import shutil
+import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -88,11 +89,21 @@ def open_storage(url: str) -> Any:
     else:
         kwargs["pool_pre_ping"] = True
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return optuna.storages.RDBStorage(
-                url, engine_kwargs=kwargs, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
-                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1))
+        for attempt in range(4):
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    return optuna.storages.RDBStorage(
+                        url, engine_kwargs=kwargs, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
+                        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1))
+            except Exception as e:
+                # two processes opening a new database at once race to create its schema; the loser
+                # finds it made (a unique or "already exists" error) and opens it as it is
+                raced = "alembic_version" in str(e) or "already exists" in str(e)
+                if not raced or attempt == 3:
+                    raise
+                time.sleep(0.2 * (attempt + 1))
+        raise AssertionError("unreachable")
     except ImportError as e:
         raise SlimkitError(f"cannot open the storage {redact(url)}: {e} (PostgreSQL needs the 'psycopg' "
                            "package: pip install 'psycopg[binary]').") from None

@@ -144,7 +144,7 @@ def run_case(step: str | StepSpec, model: nn.Module, data: DataBundle, out: str 
     recipe = case_recipe(spec, case)
     target = case_target(spec, case)
     res = apply(recipe, model, data, target=Target(target, batch_sizes=(1,), threads=1, max_seconds=0.05,
-                                                   layers=False), baseline=False, out=out)
+                                                   layers=False), budget=None, out=out)
     return CaseRun(spec.name, case, recipe, target, model, res, Path(out))
 
 
