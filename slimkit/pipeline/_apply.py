@@ -123,7 +123,7 @@ def time_side_by_side(baseline: dict[str, Any], result: dict[str, Any], baseline
     """
     timed = side_by_side({"baseline": baseline_onnx, "result": result_onnx}, data, target.batch_sizes,
                          runtime="ort-cpu", threads=target.resolved_threads, rounds=rounds,
-                         max_seconds=2 * target.max_seconds, label="timing before and after side by side")
+                         max_seconds=target.max_seconds, label="timing before and after side by side")
     for figures, name in ((baseline, "baseline"), (result, "result")):
         for b, t in timed[name].items():
             figures["latency_ms"][b].update(median=t["median"], spread=t["spread"], timed="side by side")

@@ -281,7 +281,7 @@ def _headline(baseline: dict[str, Any], result: dict[str, Any], session: Session
     base_onnx = out / "baseline.onnx"
     if cfg.target != "ort-cpu" or not base_onnx.is_file():
         return None
-    target = Target(cfg.target, tuple(cfg.batch_sizes), cfg.threads, max(cfg.max_seconds, 0.5))
+    target = Target(cfg.target, tuple(cfg.batch_sizes), cfg.threads, cfg.max_seconds)
     time_side_by_side(baseline, result, base_onnx, out / "best.onnx", session.data, target, rounds=7)
     ms = {name: {b: t["median"] for b, t in figures["latency_ms"].items()}
           for name, figures in (("baseline", baseline), ("best", result))}
