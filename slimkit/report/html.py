@@ -309,7 +309,17 @@ def render_report(report: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         import yaml
 
         out.append(f"<h2>Baseline vs best (trial {best['trial']}, test split)</h2>")
+        if report.get("returned"):
+            out.append(f"<p class=\"bad\"><b>Nothing beat the baseline</b>: {_e(report['returned']['why'])}.</p>")
         out.append(_compare(report["baseline"], report["result"]))
+        head = report.get("headline")
+        if head:
+            spread = max((s.get("spread") or 0.0) for f in (report["baseline"], report["result"])
+                         for s in f["latency_ms"].values())
+            slower = (f" <span class=\"bad\">Slower than the input at batch {_e(', '.join(head['slower_at']))}.</span>"
+                      if head.get("slower_at") else "")
+            out.append(f"<p class=\"muted\">Latencies: {_e(head['how'])}; widest spread over rounds "
+                       f"{spread:.0%}.</p>{slower}")
         if best.get("confirmed"):
             conf = best["confirmed"]
             timed = ", ".join(f"trial {n}: {1 / conf['latency_ratio'][str(n)]:.2f}x" for n in conf["trials"])

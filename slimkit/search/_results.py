@@ -26,7 +26,7 @@ from .._provenance import run_info
 from ..errors import NoFeasibleTrialError
 from ..measure import Target, profile
 from ..measure.timing import medians, side_by_side
-from ..models import load_model
+from ..models import load_model, save_model
 from ..pipeline import Recipe, recipe_summary, time_side_by_side
 from ..report.html import render_report
 from ._record import RESULT_FILES, SearchRecord
@@ -245,6 +245,16 @@ def write_results(study: Any, session: Session, *, storage: str, out: Path,
         result = _measure_test(session, out, onnx="best.onnx", weights="best.safetensors",
                                batch_sizes=cfg.batch_sizes, layers=True)
     headline = _headline(report["baseline"], result, session, out)
+    returned = None
+    if headline:
+        slower = sorted((b for b, x in headline["speedup"].items() if x < 1.0), key=int)
+        if slower and command == "compress" and cfg.objective == "latency" and len(slower) == len(headline["speedup"]):
+            result, returned = _return_baseline(report, best_t, headline, session, out)
+        elif slower:
+            _console.info(f"[bold red]the best trial is slower than the input model[/bold red] at batch "
+                          f"{', '.join(slower)} (timed side by side: "
+                          + ", ".join(f"{headline['speedup'][b]:.2f}x @{b}" for b in slower) + ")")
+            headline["slower_at"] = slower
     pareto_rows = []
     for t in sorted(pareto_ts, key=lambda t: t.user_attrs["figures"]["latency_ratio"]):
         f_dir, _ = (folder, rebuilt) if t.number == best_t.number else _artifacts(t, session)
@@ -265,6 +275,7 @@ def write_results(study: Any, session: Session, *, storage: str, out: Path,
         pareto=pareto_rows,
         files=files,
         **({"headline": headline} if headline else {}),
+        **({"returned": returned} if returned else {}),
     )
     _io.write_text(out / "report.html", render_report(report, rows))
     _io.write_json(out / "result.json", report)
@@ -287,6 +298,23 @@ def _headline(baseline: dict[str, Any], result: dict[str, Any], session: Session
           for name, figures in (("baseline", baseline), ("best", result))}
     return {"how": "baseline.onnx and best.onnx timed side by side in 7 interleaved rounds (medians)",
             "latency_ms": ms, "speedup": {b: ms["baseline"][b] / ms["best"][b] for b in ms["best"] if ms["best"][b] > 0}}
+
+
+def _return_baseline(report: dict[str, Any], best_t: Any, headline: dict[str, Any], session: Session,
+                     out: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """No trial beat the input model when timed side by side: ``best.*`` become the input model.
+
+    Returns the result figures (the baseline's) and what ``result.json`` says under ``returned``.
+    """
+    speed = ", ".join(f"{x:.2f}x @{b}" for b, x in headline["speedup"].items())
+    note = (f"no trial was faster than the input model: the fastest within budget (trial {best_t.number}) ran at "
+            f"{speed} when timed side by side with it; best.onnx and best.safetensors are the input model")
+    _console.info(f"[bold red]nothing beat the baseline[/bold red]: {note}")
+    _io.atomic_write(out / "best.onnx", lambda p: shutil.copyfile(out / "baseline.onnx", p))
+    save_model(session.model, out / "best.safetensors")
+    _io.write_text(out / "best_recipe.yaml", f"# slimkit compress: {note}\n" + Recipe.from_data(["export"]).to_yaml())
+    return copy.deepcopy(report["baseline"]), {"model": "baseline", "why": note, "fastest_trial": best_t.number,
+                                               "its_speedup": headline["speedup"]}
 
 
 def _confirm_fastest(trials: list[Any], session: Session, *, top: int = 3, rounds: int = 3) -> tuple[Any, Any]:
