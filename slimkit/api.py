@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,6 +103,17 @@ def train(
         _io.write_json(out / "train.json", result)
         result["files"] = {"weights": str(out / "model.safetensors"), "report": str(out / "train.json")}
     return TrainResult(net, result)
+
+
+def _trained_before(folder: Path, config: TrainConfig) -> dict[str, Any] | None:
+    """``train.json`` of a model ``train`` wrote to ``folder`` with ``config`` and this slimkit, or None."""
+    try:
+        report = json.loads((folder / "train.json").read_text())
+    except (OSError, ValueError):
+        return None
+    same = (report.get("config") == json.loads(json.dumps(dataclasses.asdict(config)))
+            and report.get("slimkit") == run_info()["slimkit"] and (folder / "model.safetensors").is_file())
+    return report if same else None
 
 
 # ----------------------------------------------------------------------------- profile
@@ -261,8 +273,12 @@ def demo(out: str | Path = "runs/demo", *, epochs: int = 15, threads: int | None
     out = Path(out)
     data = load_data("digits")
     _console.info(f"[bold]slimkit demo[/bold]: lenet5 on {data.describe()}")
-    trained = train("zoo:lenet5", data, epochs=epochs, out=out / "trained", overwrite=True)
-    _console.info(f"trained lenet5: test accuracy {trained.report['test_accuracy']:.4f}; searching for the fastest "
+    report = _trained_before(out / "trained", TrainConfig(epochs=epochs, **FROM_SCRATCH))
+    if report is None:
+        report = train("zoo:lenet5", data, epochs=epochs, out=out / "trained", overwrite=True).report
+    else:
+        _console.info(f"reusing the lenet5 trained in {out / 'trained'} by an earlier demo (same settings)")
+    _console.info(f"trained lenet5: test accuracy {report['test_accuracy']:.4f}; searching for the fastest "
                   f"model that loses at most 1 point of validation accuracy ({trials} trials)")
     res = compress(ModelRef("zoo:lenet5", weights=out / "trained" / "model.safetensors"), data, budget=DEMO_BUDGET,
                    target=Target("ort-cpu", batch_sizes=(1, 64), threads=threads, max_seconds=max_seconds),

@@ -53,7 +53,7 @@ def _search(tmp_path, trained, monkeypatch, ms):
     monkeypatch.setattr(timing, "get_backend", lambda name: ChosenTimes(ms))
     out = tmp_path / "s"
     compress(ModelRef("zoo:lenet5", weights=weights), "digits",
-             **compress_options(out=out, trials=2, methods=["finetune"], objective="latency", max_accuracy_drop=1.0,
+             **compress_options(out=out, trials=1, methods=["finetune"], objective="latency", max_accuracy_drop=1.0,
                                 **FAST))
     return out, json.loads((out / "result.json").read_text()), weights
 
