@@ -25,12 +25,13 @@ def check_result_figures(report: dict[str, Any], baseline_onnx: Path, result_onn
     again = measure_profile(None, data, Target(batch_sizes=batch_sizes, threads=threads, layers=False),
                             onnx_path=result_onnx, latency=False)
     assert again["accuracy"] == report["result"][accuracy_key], (again["accuracy"], report["result"][accuracy_key])
-    timed = medians(side_by_side({"baseline": baseline_onnx, "result": result_onnx}, data, batch_sizes,
-                                 threads=threads, rounds=7, max_seconds=1.0))
+    # three re-measurements, each in 7 interleaved rounds; the ratio they agree on is their median
+    runs = [medians(side_by_side({"baseline": baseline_onnx, "result": result_onnx}, data, batch_sizes,
+                                 threads=threads, rounds=7, max_seconds=0.7)) for _ in range(3)]
     figures = {}
     for b in batch_sizes:
         said = report["result"]["latency_ms"][str(b)]["median"] / report["baseline"]["latency_ms"][str(b)]["median"]
-        measured = timed["result"][str(b)] / timed["baseline"][str(b)]
-        figures[b] = {"result.json": round(said, 3), "re-measured": round(measured, 3)}
-        assert abs(said / measured - 1) <= TOLERANCE, figures
+        measured = sorted(t["result"][str(b)] / t["baseline"][str(b)] for t in runs)
+        figures[b] = {"result.json": round(said, 3), "re-measured": [round(m, 3) for m in measured]}
+        assert abs(said / measured[1] - 1) <= TOLERANCE, figures
     return figures
