@@ -150,3 +150,41 @@ def test_structure_ops_replay_on_load(tmp_path):
     assert torch.equal(again.fc3.weight, model.fc3.weight)
     with pytest.raises(SlimkitError, match="cannot be loaded into 'zoo:lenet5'"):
         load_model("zoo:lenet5", weights=tmp_path / "m.safetensors", input_shape=(1, 8, 8), num_classes=10)
+
+
+class _Versioned(torch.nn.Module):
+    """Checks its state-dict version on load, as torchvision's MNASNet does."""
+
+    _version = 2
+
+    def __init__(self, input_shape=(8, 8), num_classes=10):
+        super().__init__()
+        self.fc = torch.nn.Linear(int(torch.tensor(input_shape).prod()), num_classes)
+
+    def forward(self, x):
+        return self.fc(x.flatten(1))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args, **kwargs):
+        if local_metadata.get("version") != 2:
+            raise ValueError(f"expected state-dict version 2, got {local_metadata.get('version')}")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args, **kwargs)
+
+
+def versioned(input_shape, num_classes):
+    return _Versioned(input_shape, num_classes)
+
+
+def test_a_module_that_checks_its_version_on_load_reloads(tmp_path, digits):
+    """Issue 12, item 7: save_model keeps the modules' state-dict versions and loading gives them back."""
+    from slimkit.models import build_model, module_versions
+
+    model = build_model("tests.test_models:versioned", input_shape=digits.input_shape, num_classes=10)
+    assert module_versions(model)[""] == 2
+    path = save_model(model, tmp_path / "v.safetensors")
+    again = load_model(weights=path)
+    x = digits.x_test[:8]
+    assert torch.equal(again(x), model(x))
+    # a plain state dict without versions loads as the current code's version
+    torch.save(dict(model.state_dict()), tmp_path / "plain.pt")
+    assert torch.equal(load_model("tests.test_models:versioned", weights=tmp_path / "plain.pt",
+                                  input_shape=digits.input_shape, num_classes=10)(x), model(x))

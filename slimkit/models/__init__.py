@@ -19,6 +19,7 @@ architecture before loading its weights.
 
 from __future__ import annotations
 
+import collections
 import inspect
 import json
 import pickle
@@ -44,6 +45,7 @@ __all__ = [
     "save_model",
     "load_weights",
     "read_metadata",
+    "module_versions",
     "create_model",
     "register_model",
     "register_model_file",
@@ -304,8 +306,24 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return obj
 
 
-def apply_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str, spec: str | None) -> None:
-    """Load ``state`` into ``model``, or explain exactly which keys or shapes do not match."""
+def module_versions(model: nn.Module) -> dict[str, int]:
+    """Each submodule's state-dict version (``_version``), keyed by its prefix, as ``state_dict`` records them.
+
+    A module may check it when it loads (torchvision's MNASNet does); a ``.safetensors`` file keeps
+    only tensors, so :func:`save_model` stores these beside them and :func:`apply_weights` gives them back.
+    """
+    meta = getattr(model.state_dict(), "_metadata", None) or {}
+    return {prefix: int(m["version"]) for prefix, m in meta.items() if isinstance(m, dict) and "version" in m}
+
+
+def apply_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str, spec: str | None,
+                  versions: dict[str, int] | None = None) -> None:
+    """Load ``state`` into ``model``, or explain exactly which keys or shapes do not match.
+
+    ``versions``: the modules' state-dict versions when the weights were saved (see
+    :func:`module_versions`); without them, a state dict that carries none is loaded as the
+    current code's version (the file was written by the same code as the model).
+    """
     own = model.state_dict()
     if own and state and not any(k in own for k in state) and all(k.startswith("module.") for k in state):
         state = {k[len("module."):]: v for k, v in state.items()}  # saved from DataParallel
@@ -328,7 +346,17 @@ def apply_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str,
             "Check that --model builds the architecture these weights were trained for (same zoo "
             "arguments, same data shape and class count)."
         )
-    model.load_state_dict(state)
+    if getattr(state, "_metadata", None) is None:
+        recorded = versions if versions is not None else module_versions(model)
+        state = collections.OrderedDict(state)
+        state._metadata = collections.OrderedDict(  # type: ignore[attr-defined]
+            (prefix, {"version": v}) for prefix, v in recorded.items())
+    try:
+        model.load_state_dict(state)
+    except Exception as e:
+        raise SlimkitError(f"the model {spec or type(model).__name__} refused the weights in {source} while loading "
+                           f"them: {_first_line(e)}. Its own loading code checks something the file does not "
+                           "hold; save the weights with slimkit (save_model) from the same model code.") from None
 
 
 def load_model(
@@ -367,7 +395,7 @@ def load_model(
                     f"Pass --model {meta['model']} or leave --model out."
                 )
             _replay(model, meta["structure"], str(weights))
-        apply_weights(model, load_weights(weights), str(weights), spec)
+        apply_weights(model, load_weights(weights), str(weights), spec, versions=meta.get("versions"))
     return model.eval()
 
 
@@ -385,7 +413,8 @@ def save_model(model: nn.Module, path: str | Path, *, extra: dict[str, Any] | No
             t = t.clone()
         storages.add(t.untyped_storage().data_ptr())
         state[k] = t
-    meta = {**origin_of(model), "structure": structure_of(model), "format": FORMAT_VERSION, **(extra or {})}
+    meta = {**origin_of(model), "structure": structure_of(model), "format": FORMAT_VERSION,
+            "versions": module_versions(model), **(extra or {})}
     data = save(state, metadata={METADATA_KEY: json.dumps(meta)})
     return _io.write_bytes(path, data)
 
