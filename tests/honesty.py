@@ -27,7 +27,7 @@ def check_result_figures(report: dict[str, Any], baseline_onnx: Path, result_onn
     assert again["accuracy"] == report["result"][accuracy_key], (again["accuracy"], report["result"][accuracy_key])
     # three re-measurements, each in 7 interleaved rounds; the ratio they agree on is their median
     runs = [medians(side_by_side({"baseline": baseline_onnx, "result": result_onnx}, data, batch_sizes,
-                                 threads=threads, rounds=7, max_seconds=0.7)) for _ in range(3)]
+                                 threads=threads, rounds=7, max_seconds=0.35)) for _ in range(3)]
     figures = {}
     for b in batch_sizes:
         said = report["result"]["latency_ms"][str(b)]["median"] / report["baseline"]["latency_ms"][str(b)]["median"]
