@@ -196,6 +196,8 @@ def _collect(pname: str, use: _Use, kwargs: dict[str, Any]) -> Any:
     hints = typing.get_type_hints(use.cls)
     values = {f.name: _value(use, hints, f.name, kwargs.pop(_flag_name(pname, use, f.name))) for f in use.fields()}
     if use.single:
+        with flags_of(use.cls):
+            use.cls(**values)  # the object checks its own field (e.g. --max-accuracy-drop in [0, 1])
         return values[use.single]
     if not use.build:
         return values

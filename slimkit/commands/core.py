@@ -20,7 +20,7 @@ from ..pipeline import Recipe, get_step, step_names
 from ..report import compare_table, layers_table, profile_table
 from ..search import Budget, Search
 from ..training import FROM_SCRATCH, TrainConfig
-from ._app import OVERWRITE, SEED, DataOpt, QuietOpt, command, option, options, require_model, run_out, stdout
+from ._app import OVERWRITE, SEED, DataOpt, QuietOpt, command, flags_of, option, options, require_model, run_out, stdout
 
 __all__ = ["train", "profile", "apply", "demo", "steps", "finish_apply", "BUDGET_HELP"]
 
@@ -98,7 +98,8 @@ def apply(
     _console.set_quiet(quiet)
     rec = Recipe.load(recipe)  # a bad recipe fails here, before anything is loaded
     require_model(model.spec, model.weights)
-    res = api.apply(rec, model, data, out=out, overwrite=overwrite, seed=seed, target=target, budget=budget)
+    with flags_of(Budget):  # e.g. a latency limit for a batch size --batch does not measure
+        res = api.apply(rec, model, data, out=out, overwrite=overwrite, seed=seed, target=target, budget=budget)
     finish_apply(res.report, out, title=str(recipe))
 
 

@@ -111,7 +111,5 @@ def lottery(
                   "-" if ctrl is None else f"{ctrl:.4f}")
     stdout.print(t)
     stdout.print(f"wrote {', '.join(res.report['files'].values())}")
-    acc = res.report["accuracy"]
     if not res.report["within_budget"]:
-        raise NotMetError(AccuracyVerdict(acc["before"], acc["after"], max_accuracy_drop,
-                                          hints=acc["hints"]).message(str(out), "lottery.json"))
+        raise NotMetError(AccuracyVerdict.from_data(res.report["accuracy"]).message(str(out), "lottery.json"))

@@ -88,6 +88,5 @@ def deep_compress(
                  f"{t['entropy_bound_bytes']:,.0f} B); test accuracy {acc['before']:.4f} -> {acc['after']:.4f} "
                  f"({-acc['drop_points']:+.2f} pts)")
     stdout.print(f"wrote {out}/model.slim and {out}/result.json")
-    verdict = AccuracyVerdict(acc["before"], acc["after"], max_accuracy_drop, hints=acc["hints"])
-    if not verdict.within_budget:
-        raise NotMetError(verdict.message(str(out)))
+    if not r["within_budget"]:
+        raise NotMetError(AccuracyVerdict.from_data(acc).message(str(out)))

@@ -29,7 +29,7 @@ from ..config import check
 from ..data import DataBundle, resolve_data
 from ..errors import ConfigError
 from ..models import ModelRef, resolve_model, save_model
-from ..pipeline import AccuracyVerdict
+from ..pipeline import AccuracyVerdict, check_max_drop
 from ..training import TrainConfig, evaluate, fit
 from ._prune_masks import MaskHook, apply_masks_, compute_masks_, masks_of, prunable_layers, set_masks, sparsity_report
 
@@ -125,6 +125,7 @@ def lottery(
     epochs, seed = cfg.epochs, cfg.seed
     check(epochs >= 1, "epochs", f"must be >= 1, got {epochs}")
     check(rewind_epoch < epochs, "rewind_epoch", f"must be in [0, epochs) = [0, {epochs}), got {rewind_epoch}")
+    check_max_drop(max_accuracy_drop)
     weights = model.weights if isinstance(model, ModelRef) else None
     bundle = resolve_data(data, seed)
     torch.manual_seed(seed)

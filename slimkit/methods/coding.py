@@ -43,7 +43,7 @@ from ..data import DataBundle
 from ..errors import ConfigError, SlimkitError
 from ..export.packed import CodedTensor, read_packed, write_packed
 from ..layers import LayerSelection, family_of
-from ..pipeline import AccuracyVerdict, Context, Finetune, register_space, register_step, training_hints
+from ..pipeline import AccuracyVerdict, Context, check_max_drop, Finetune, register_space, register_step, training_hints
 from ..training import evaluate, fit
 from .prune import Unstructured, finalize_, masks_of, prune_
 
@@ -440,6 +440,7 @@ def deep_compress(
     if not isinstance(model, nn.Module):
         raise SlimkitError(f"deep_compress needs a torch.nn.Module, got {type(model).__name__}.")
     cfg.plan(model)  # unknown layers: before any work
+    check_max_drop(max_accuracy_drop)
     out_dir = _io.prepare_out_dir(out, overwrite=overwrite) if out is not None else None
     net = copy.deepcopy(model)
     if teacher is None and cfg.distill:

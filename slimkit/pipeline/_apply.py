@@ -70,12 +70,15 @@ def apply_recipe(
     recipe.check_model(model)  # e.g. unknown layer names: before the baseline is measured
     threads = target.resolved_threads
     measured_before = None
-    if baseline:
-        with _console.status(f"measuring the baseline on {target.runtime}"):
-            measured_before = measure_profile(model, data, target)
     workdir = Path(tempfile.mkdtemp(prefix=".slimkit-work-", dir=out))
+    base_onnx = None
     scratch = None
     try:
+        if baseline:
+            with _console.status(f"measuring the baseline on {target.runtime}"):
+                if target.runtime == "ort-cpu":  # one export: measured now, timed beside the result later
+                    base_onnx = export_onnx(model, workdir / "baseline.onnx", data.example(2))
+                measured_before = measure_profile(model, data, target, onnx_path=base_onnx)
         ctx = Context(model=model, data=data, workdir=workdir, target=target.runtime, threads=threads,
                       batch_sizes=target.batch_sizes, teacher=copy.deepcopy(model).eval(),
                       epoch_callbacks=list(hooks), max_seconds=target.max_seconds)
@@ -87,8 +90,7 @@ def apply_recipe(
         with _console.status(f"measuring the result on {target.runtime}"):
             result = measure_profile(net if target.runtime != "ort-cpu" else None, data, target,
                                      onnx_path=ctx.onnx_path, split=split)
-        if measured_before is not None and ctx.teacher is not None and target.runtime == "ort-cpu" and target.batch_sizes:
-            base_onnx = export_onnx(ctx.teacher, workdir / "baseline.onnx", data.example(2))
+        if measured_before is not None and base_onnx is not None and target.batch_sizes:
             time_side_by_side(measured_before, result, base_onnx, ctx.onnx_path, data, target)
         report = {
             "data": data.name,
@@ -129,7 +131,7 @@ def time_side_by_side(baseline: dict[str, Any], result: dict[str, Any], baseline
     over rounds; a spread past :data:`WIDE_SPREAD` re-times the pair once (``retimed``) unless
     ``max_seconds`` is under :data:`RETIME_FROM_S`.
     """
-    def time(n: int) -> dict[str, dict[str, dict[str, float]]]:
+    def time_pair(n: int) -> dict[str, dict[str, dict[str, float]]]:
         return side_by_side({"baseline": baseline_onnx, "result": result_onnx}, data, target.batch_sizes,
                             runtime="ort-cpu", threads=target.resolved_threads, rounds=n,
                             max_seconds=target.max_seconds * n / rounds, label="timing before and after side by side")
@@ -137,11 +139,11 @@ def time_side_by_side(baseline: dict[str, Any], result: dict[str, Any], baseline
     def widest(t: dict[str, dict[str, dict[str, float]]]) -> float:
         return max(s["spread"] for per in t.values() for s in per.values())
 
-    timed = time(rounds)
+    timed = time_pair(rounds)
     # under a short time cap the user chose speed over precision: the spread is reported, not re-timed
     retimed = widest(timed) > WIDE_SPREAD and target.max_seconds >= RETIME_FROM_S
     if retimed:  # the machine's load moved during the rounds: time again, twice as long, keep the tighter
-        again = time(2 * rounds)
+        again = time_pair(2 * rounds)
         timed = min((timed, again), key=widest)
     for figures, name in ((baseline, "baseline"), (result, "result")):
         for b, t in timed[name].items():

@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import _console
+from ..config import check
 
-__all__ = ["AccuracyVerdict", "training_hints", "fits_in", "FEW_STEPS"]
+__all__ = ["AccuracyVerdict", "check_max_drop", "training_hints", "fits_in", "FEW_STEPS"]
 
 #: A fine-tune with fewer optimisation steps than this is named as a likely cause of a loss.
 FEW_STEPS = 500
@@ -54,6 +55,13 @@ class AccuracyVerdict:
                 "max_drop_points": None if self.max_drop is None else round(100.0 * self.max_drop, 3),
                 "within_budget": self.within_budget, "hints": list(self.hints)}
 
+    @classmethod
+    def from_data(cls, data: dict[str, Any]) -> "AccuracyVerdict":
+        """The verdict :meth:`to_data` wrote (``result.json``'s ``accuracy``)."""
+        limit = data.get("max_drop_points")
+        return cls(data["before"], data["after"], None if limit is None else limit / 100.0, split=data.get("split", "test"),
+                   hints=list(data.get("hints") or []))
+
     def summary(self) -> str:
         """``test accuracy 0.9638 -> 0.9471 (-1.67 pts; the limit is 2 pts)``."""
         limit = "" if self.max_drop is None else f"; the limit is {100 * self.max_drop:g} pts"
@@ -75,6 +83,12 @@ class AccuracyVerdict:
             _console.info(self.summary())
         else:
             _console.info(f"[bold red]over the accuracy budget[/bold red]: {self.summary()}")
+
+
+def check_max_drop(max_drop: float | None) -> None:
+    """A ``max_accuracy_drop`` argument is a fraction in [0, 1] or None (checked before any work)."""
+    check(max_drop is None or 0 <= max_drop <= 1, "max_accuracy_drop",
+          f"must be a fraction in [0, 1] (0.01 = 1 point), got {max_drop}")
 
 
 def training_hints(fits: Iterable[tuple[str, dict[str, Any]]]) -> list[str]:
