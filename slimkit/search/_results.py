@@ -247,7 +247,10 @@ def write_results(study: Any, session: Session, *, storage: str, out: Path,
     headline = _headline(report["baseline"], result, session, out)
     returned = None
     if headline:
-        slower = sorted((b for b, x in headline["speedup"].items() if x < 1.0), key=int)
+        # slower beyond the timing's own noise: a fine-tune-only best is the input's architecture
+        margin = {b: max(SLOWER_MARGIN, *(f["latency_ms"][b].get("spread", 0.0) for f in (report["baseline"], result)))
+                  for b in headline["speedup"]}
+        slower = sorted((b for b, x in headline["speedup"].items() if x < 1.0 - margin[b]), key=int)
         if slower and command == "compress" and cfg.objective == "latency" and len(slower) == len(headline["speedup"]):
             result, returned = _return_baseline(report, best_t, headline, session, out)
         elif slower:
@@ -298,6 +301,11 @@ def _headline(baseline: dict[str, Any], result: dict[str, Any], session: Session
           for name, figures in (("baseline", baseline), ("best", result))}
     return {"how": "baseline.onnx and best.onnx timed side by side in 7 interleaved rounds (medians)",
             "latency_ms": ms, "speedup": {b: ms["baseline"][b] / ms["best"][b] for b in ms["best"] if ms["best"][b] > 0}}
+
+
+#: The best counts as slower than the input at a batch size only when its speed-up is below
+#: ``1 - max(SLOWER_MARGIN, the spread over rounds of either timing)``.
+SLOWER_MARGIN = 0.05
 
 
 def _return_baseline(report: dict[str, Any], best_t: Any, headline: dict[str, Any], session: Session,
