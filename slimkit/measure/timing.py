@@ -6,6 +6,13 @@ latency table's blocks, the finalists of a search, the benchmarks) goes through
 :func:`interleaved`: each round visits every candidate once, in a rotating (or shuffled) order,
 and times a chunk of calls; a candidate's figure is the median over rounds, so drift hits every
 candidate alike, and the spread over rounds says how far to trust it.
+
+Ratios are paired: the machine here switches between a fast and a ~1.6x slower spell every few
+hundred milliseconds, so two medians over rounds can sit in different spells. The median over
+rounds of each round's own ratio (both visits, back to back, in one spell) is what
+:func:`side_by_side` reports as ``ratio`` and :func:`medians` builds on: timing a pruned lenet5
+against its input 12 times, the ratio of medians read 0.36-0.61 at batch 1, the paired ratio
+0.48-0.53.
 """
 
 from __future__ import annotations
@@ -93,7 +100,9 @@ def side_by_side(models: Mapping[str, Path | nn.Module], data: DataBundle, batch
     as given: fold its batch norms first to time it as ``profile`` does). ``max_seconds`` is the
     time spent on one model at one batch size over all rounds (at least
     :data:`MIN_CHUNK_S` a round). Returns
-    ``{name: {batch: {"median": ms, "spread": (q3 - q1) / median over rounds, "rounds": n}}}``.
+    ``{name: {batch: {"median": ms, "spread": (q3 - q1) / median over rounds, "rounds": n}}}``;
+    every model after the first (the reference) also has ``"ratio"``: the median over rounds of
+    its time over the reference's in the same round.
     """
     backend = get_backend(runtime)
     runners = {name: backend.prepare(m if isinstance(m, nn.Module) else None,
@@ -108,14 +117,26 @@ def side_by_side(models: Mapping[str, Path | nn.Module], data: DataBundle, batch
         for runner in runners.values():
             runner.close()
     out: dict[str, dict[str, dict[str, float]]] = {name: {} for name in models}
+    reference = next(iter(models))
     for (name, b) in runs:
         values = np.asarray(per_round[f"{name}@{b}"])
         q1, med, q3 = np.percentile(values, [25, 50, 75])
         out[name][b] = {"median": float(med), "spread": float((q3 - q1) / med) if med > 0 else 0.0,
                         "rounds": int(len(values))}
+        if name != reference:
+            ref = np.asarray(per_round[f"{reference}@{b}"])
+            out[name][b]["ratio"] = float(np.median(values / np.maximum(ref, 1e-12)))
     return out
 
 
 def medians(timed: Mapping[str, Mapping[str, Mapping[str, float]]]) -> dict[str, dict[str, float]]:
-    """``{name: {batch: median ms}}`` from :func:`side_by_side`'s result."""
-    return {name: {b: s["median"] for b, s in per.items()} for name, per in timed.items()}
+    """``{name: {batch: ms}}`` from :func:`side_by_side`'s result: the reference's median, and each
+    other model's as the reference's median times its paired ``ratio``, so that the ratio of any
+    two figures is paired too.
+
+    >>> medians({"a": {"1": {"median": 2.0}}, "b": {"1": {"median": 1.4, "ratio": 0.5}}})
+    {'a': {'1': 2.0}, 'b': {'1': 1.0}}
+    """
+    reference = next(iter(timed.values()), {})
+    return {name: {b: reference[b]["median"] * s["ratio"] if "ratio" in s else s["median"] for b, s in per.items()}
+            for name, per in timed.items()}

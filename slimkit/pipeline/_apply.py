@@ -23,14 +23,14 @@ from .._provenance import run_info
 from ..data import DataBundle
 from ..measure import Target
 from ..measure import profile as measure_profile
-from ..measure.timing import side_by_side
+from ..measure.timing import medians, side_by_side
 from ..export import export_onnx
 from ..models import save_model
 from ._context import Context, SpeedVerdict, run_recipe
 from ._recipe import Recipe
 from ._steps import export_step
 
-__all__ = ["apply_recipe", "ApplyResult", "write_result", "time_side_by_side"]
+__all__ = ["apply_recipe", "ApplyResult", "write_result", "time_side_by_side", "side_by_side_rounds"]
 
 
 @dataclass
@@ -119,18 +119,40 @@ def apply_recipe(
 WIDE_SPREAD = 0.25
 #: ... when the timing cap (``Target.max_seconds``) is at least this long.
 RETIME_FROM_S = 0.25
+#: Side-by-side rounds last about this long per artifact and batch size. The machine's speed
+#: moves in spells of a few hundred milliseconds that do not slow every model alike (a pruned
+#: lenet5 at batch 64 reads 0.29x or 0.36x of its input depending on the spell), so many short
+#: rounds sample more spells than a few long ones: with 0.3 s over 5 rounds the ratio read
+#: 0.23-0.37 in 8 runs; with 1 s over 25 rounds, 0.31-0.39.
+ROUND_S = 0.04
+#: ... and there are at least / at most this many of them.
+MIN_ROUNDS, MAX_ROUNDS = 5, 25
+
+
+def side_by_side_rounds(max_seconds: float) -> int:
+    """How many rounds a side-by-side timing capped at ``max_seconds`` (per artifact and batch) takes.
+
+    >>> side_by_side_rounds(1.0), side_by_side_rounds(0.3), side_by_side_rounds(0.05), side_by_side_rounds(10)
+    (25, 8, 5, 25)
+    """
+    return max(MIN_ROUNDS, min(MAX_ROUNDS, round(max_seconds / ROUND_S)))
 
 
 def time_side_by_side(baseline: dict[str, Any], result: dict[str, Any], baseline_onnx: Path, result_onnx: Path,
-                      data: DataBundle, target: Target, rounds: int = 5) -> None:
+                      data: DataBundle, target: Target, rounds: int | None = None) -> None:
     """Make the before/after latency medians those of the two artifacts timed side by side.
 
     Timed one after the other, the two figures compare the machine's load at two moments as
-    much as the models; timed in the same interleaved rounds, drift hits both alike. ``p90``
-    stays each artifact's own; each median is marked ``timed: side by side`` with its spread
-    over rounds; a spread past :data:`WIDE_SPREAD` re-times the pair once (``retimed``) unless
-    ``max_seconds`` is under :data:`RETIME_FROM_S`.
+    much as the models; timed in the same interleaved rounds, drift hits both alike. The
+    result's median is the baseline's times the paired ratio (``ratio_to_baseline``, the median
+    of the per-round ratios; ``own_median`` is its median over rounds). ``p90`` stays each
+    artifact's own; each median is marked ``timed: side by side`` with its spread over rounds
+    (``rounds`` of them, :func:`side_by_side_rounds` by default); a spread past
+    :data:`WIDE_SPREAD` re-times the pair once (``retimed``) unless ``max_seconds`` is under
+    :data:`RETIME_FROM_S`.
     """
+    rounds = rounds or side_by_side_rounds(target.max_seconds)
+
     def time_pair(n: int) -> dict[str, dict[str, dict[str, float]]]:
         return side_by_side({"baseline": baseline_onnx, "result": result_onnx}, data, target.batch_sizes,
                             runtime="ort-cpu", threads=target.resolved_threads, rounds=n,
@@ -145,10 +167,13 @@ def time_side_by_side(baseline: dict[str, Any], result: dict[str, Any], baseline
     if retimed:  # the machine's load moved during the rounds: time again, twice as long, keep the tighter
         again = time_pair(2 * rounds)
         timed = min((timed, again), key=widest)
+    paired = medians(timed)
     for figures, name in ((baseline, "baseline"), (result, "result")):
         for b, t in timed[name].items():
-            figures["latency_ms"][b].update(median=t["median"], spread=t["spread"], timed="side by side",
-                                            retimed=retimed)
+            figures["latency_ms"][b].update(median=paired[name][b], spread=t["spread"], timed="side by side",
+                                            rounds=t["rounds"], retimed=retimed)
+            if "ratio" in t:  # the result's median is the baseline's times the paired ratio
+                figures["latency_ms"][b].update(ratio_to_baseline=t["ratio"], own_median=t["median"])
 
 
 def _write_outputs(out: Path, ctx: Context, net: nn.Module, report: dict[str, Any]) -> Path:

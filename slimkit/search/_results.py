@@ -296,10 +296,11 @@ def _headline(baseline: dict[str, Any], result: dict[str, Any], session: Session
     if cfg.target != "ort-cpu" or not base_onnx.is_file():
         return None
     target = Target(cfg.target, tuple(cfg.batch_sizes), cfg.threads, cfg.max_seconds)
-    time_side_by_side(baseline, result, base_onnx, out / "best.onnx", session.data, target, rounds=7)
+    time_side_by_side(baseline, result, base_onnx, out / "best.onnx", session.data, target)
     ms = {name: {b: t["median"] for b, t in figures["latency_ms"].items()}
           for name, figures in (("baseline", baseline), ("best", result))}
-    return {"how": "baseline.onnx and best.onnx timed side by side in 7 interleaved rounds (medians)",
+    rounds = max(t["rounds"] for t in result["latency_ms"].values())
+    return {"how": f"baseline.onnx and best.onnx timed side by side in {rounds} interleaved rounds (medians)",
             "latency_ms": ms, "speedup": {b: ms["baseline"][b] / ms["best"][b] for b in ms["best"] if ms["best"][b] > 0}}
 
 
