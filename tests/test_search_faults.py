@@ -85,7 +85,7 @@ def test_a_hanging_trial_is_stopped_by_the_trial_timeout(weights, tmp_path, cli)
     t0 = time.monotonic()
     with sleeping_step(trial_number=1, seconds=120):
         res = compress(ModelRef("zoo:lenet5", weights=weights), "digits",
-                       **compress_options(out=out, trials=3, trial_timeout=2, **{**CHEAP, "methods": ["finetune",
+                       **compress_options(out=out, trials=3, trial_timeout=6, **{**CHEAP, "methods": ["finetune",
                                                                                                      "test_sleep"]}))
     assert time.monotonic() - t0 < 90  # the 120 s sleep was cut short
     trials = _study(out).trials

@@ -22,6 +22,7 @@ FORMATS = ("qdq", "qoperator")
 INT8_TYPES = ("uint8", "int8")
 IF_SLOWER = ("keep", "revert")
 DYNAMIC_OPS = ("linear", "all")
+FALLBACK = ("auto", "off")
 
 
 def _check_names(names: Iterable[str], field_name: str) -> None:
@@ -38,6 +39,12 @@ def _check_common(cfg: StaticInt8 | DynamicInt8 | QAT) -> None:
     _choice(cfg.if_slower, IF_SLOWER, "if_slower")
     check(0 <= cfg.min_agreement <= 1, "min_agreement", f"must be in [0, 1], got {cfg.min_agreement}")
     _check_names(cfg.keep_float, "keep_float")
+
+
+def _check_fallback(cfg: StaticInt8 | DynamicInt8) -> None:
+    _choice(cfg.fallback, FALLBACK, "fallback")
+    check(cfg.max_float_layers >= 1, "max_float_layers",
+          f"the automatic fallback keeps at least 1 layer in float, got {cfg.max_float_layers}")
 
 
 def keep_float_selection(names: Iterable[str]) -> LayerSelection:
@@ -89,7 +96,10 @@ class StaticInt8(_KeepFloat):
     for CPUs without VNNI; null: decided from this CPU); ``keep_float``: torch module names left
     in float; ``if_slower``: ``keep`` the INT8 artifact anyway (the report says it is slower) or
     ``revert`` to the float one; ``min_agreement``: the least top-1 agreement with the torch
-    model on test examples, else the step fails.
+    model on test examples. Below it, ``fallback: auto`` ranks the quantized layers by how much
+    INT8 hurts each one and keeps the most sensitive in float (besides ``keep_float``), at most
+    ``max_float_layers`` of them, as few as reach the bar; ``fallback: off`` (or no count within
+    the cap reaching it) fails the step.
     """
 
     calibration_size: int = 256
@@ -103,6 +113,8 @@ class StaticInt8(_KeepFloat):
     keep_float: list[str] = field(default_factory=list)
     if_slower: str = "keep"
     min_agreement: float = 0.9
+    fallback: str = "auto"
+    max_float_layers: int = 8
 
     def __post_init__(self) -> None:
         check(self.calibration_size >= 1, "calibration_size",
@@ -113,6 +125,7 @@ class StaticInt8(_KeepFloat):
         _choice(self.activation_type, INT8_TYPES, "activation_type")
         _choice(self.weight_type, INT8_TYPES, "weight_type")
         _check_common(self)
+        _check_fallback(self)
 
 
 @dataclass
@@ -125,7 +138,8 @@ class DynamicInt8(_KeepFloat):
     ``nn.Linear`` becomes an :class:`Int8DynamicLinear` running PyTorch's x86 int8 kernel.
     ``weight_type``: ``int8`` or ``uint8`` (ORT only); ``per_channel`` scales; ``reduce_range``
     (7-bit, for CPUs without VNNI; null: decided from this CPU); ``keep_float``: module names
-    left in float; ``if_slower`` and ``min_agreement`` as in :class:`StaticInt8`.
+    left in float; ``if_slower``, ``min_agreement``, ``fallback`` and ``max_float_layers`` as in
+    :class:`StaticInt8` (the fallback is ONNX Runtime's only; ``quantize_dynamic_torch`` refuses).
     """
 
     ops: str = "linear"
@@ -135,11 +149,14 @@ class DynamicInt8(_KeepFloat):
     keep_float: list[str] = field(default_factory=list)
     if_slower: str = "keep"
     min_agreement: float = 0.9
+    fallback: str = "auto"
+    max_float_layers: int = 8
 
     def __post_init__(self) -> None:
         _choice(self.ops, DYNAMIC_OPS, "ops")
         _choice(self.weight_type, INT8_TYPES, "weight_type")
         _check_common(self)
+        _check_fallback(self)
 
 
 @dataclass

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import dataclasses
 import math
+import shutil
 import tempfile
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,7 @@ from ...measure._graph import module_of_node
 from ...measure.timing import medians, side_by_side
 from ...pipeline import Context, SpeedVerdict, export_step
 from ._configs import DynamicInt8, StaticInt8, calibration_examples, reduce_range_for
+from ._fallback import QUANTIZED_OPS, candidate_layers, rank_isolated, rank_static, smallest_passing
 
 __all__ = ["quantize_onnx", "int8_ops", "compare_latency", "speed_report", "INT8_KERNELS", "FLOAT_KERNELS"]
 
@@ -38,6 +41,8 @@ INT8_KERNELS = frozenset({
 })
 # Float compute kernels: what is left of them after quantization is shown next to the integer ones.
 FLOAT_KERNELS = frozenset({"Conv", "FusedConv", "Gemm", "FusedGemm", "MatMul", "FusedMatMul", "NchwcConv"})
+# Examples the automatic float fallback ranks the layers on (their activations are held in memory).
+RANK_EXAMPLES = 64
 # Where quantize_onnx measures by default: one ORT thread, batch sizes 1 and 64, 1 s per batch size.
 QUANTIZE_TARGET = Target("ort-cpu", (1, 64), threads=1, max_seconds=1.0)
 
@@ -226,15 +231,22 @@ def _input_name(path: Path) -> str:
 
 
 def _writer(pre: Path, config: StaticInt8 | DynamicInt8, x_cal: torch.Tensor | None, exclude: list[str],
-            reduce_range: bool, range_overrides: dict[str, tuple[float, float]] | None) -> Any:
-    """``write(path)``: ONNX Runtime's static (with ``x_cal``) or dynamic quantization of ``pre`` into ``path``."""
+            reduce_range: bool, range_overrides: dict[str, tuple[float, float]] | None,
+            only: list[str] | None = None) -> Any:
+    """``write(path)``: ONNX Runtime's static (with ``x_cal``) or dynamic quantization of ``pre`` into
+    ``path``, leaving the nodes ``exclude`` names in float (``only``: quantize these nodes alone)."""
     from onnxruntime import quantization as oq
 
     if isinstance(config, DynamicInt8):
-        ops = ["MatMul", "Gemm"] if config.ops == "linear" else None
+        ops = ["MatMul", "Gemm", "LSTM"] if config.ops == "linear" else None  # LSTM: DynamicQuantizeLSTM
+
+        def renamed(names: list[str]) -> list[str]:  # its quantizer turns Gemm "g" into MatMul "g_MatMul" first
+            return [*names, *(f"{n}_MatMul" for n in names)]
+
         return lambda out: oq.quantize_dynamic(
             str(pre), str(out), op_types_to_quantize=ops, per_channel=config.per_channel, reduce_range=reduce_range,
-            weight_type=_qtype(config.weight_type), nodes_to_exclude=exclude)
+            weight_type=_qtype(config.weight_type), nodes_to_exclude=renamed(exclude),
+            nodes_to_quantize=None if only is None else renamed(only))
     assert x_cal is not None, "static INT8 is calibrated on examples"
     extra: dict[str, Any] = {}
     if config.method == "percentile":
@@ -250,6 +262,72 @@ def _writer(pre: Path, config: StaticInt8 | DynamicInt8, x_cal: torch.Tensor | N
         str(pre), str(out), _Reader(_input_name(pre), x_cal), quant_format=fmt, per_channel=config.per_channel,
         reduce_range=reduce_range, activation_type=_qtype(config.activation_type),
         weight_type=_qtype(config.weight_type), nodes_to_exclude=exclude, calibrate_method=method, extra_options=extra)
+
+
+def _quantize(write: Any, out: Path, name: str) -> Path:
+    """``write(out)``, ONNX Runtime's failures as an :class:`ExportError` naming the source ``name``."""
+    try:
+        write(out)
+    except SlimkitError:
+        raise
+    except Exception as e:
+        raise ExportError(f"ONNX Runtime could not quantize {name}: {type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:300] if str(e) else ''}") from None
+    return out
+
+
+def _rank(config: StaticInt8 | DynamicInt8, pre: Path, candidates: dict[str, list[str]], first: Path,
+          write: Callable[..., Path], x_rank: torch.Tensor, threads: int, tmp: Path) -> list[tuple[str, float]]:
+    """The candidate layers ranked most sensitive first (see :mod:`._fallback`)."""
+    if isinstance(config, StaticInt8):
+        qdq = first if config.format == "qdq" else write(tmp / "debug-qdq.onnx", qdq=True)
+        name = _input_name(pre)
+        feeds = [{name: np.ascontiguousarray(x_rank[i : i + 32].numpy(), dtype=np.float32)}
+                 for i in range(0, len(x_rank), 32)]
+        return rank_static(pre, qdq, candidates, feeds, threads)
+    return rank_isolated(candidates, lambda nodes: ort_predict(ort_session(write(tmp / "only.onnx", only=nodes), threads),
+                                                               x_rank),
+                         ort_predict(ort_session(pre, threads), x_rank))
+
+
+def _auto_fallback(config: StaticInt8 | DynamicInt8, pre: Path, pre_model: Any, first: tuple[Path, float],
+                   write: Callable[..., Path], agreement_of: Callable[[Path], float], x_rank: torch.Tensor,
+                   threads: int, tmp: Path) -> tuple[dict[str, Any], Path]:
+    """Keep the fewest most sensitive layers in float that bring the top-1 agreement to
+    ``config.min_agreement`` (at most ``config.max_float_layers``); returns the fallback's report
+    and the artifact chosen: the fewest layers in float that reach the bar, else the one that agrees
+    most. The report's ``kept_float`` are the layers left in float in that artifact, ``keep_float``
+    the config's field that reproduces it without the search (with the user's own names)."""
+    mode = "static" if isinstance(config, StaticInt8) else f"dynamic-{config.ops}"
+    candidates = candidate_layers(pre_model, QUANTIZED_OPS[mode], skip=config.keep_float)
+    _console.info(f"  INT8 agrees on only {first[1]:.1%} (min_agreement {config.min_agreement:.0%}): ranking "
+                  f"{len(candidates)} layers by their INT8 sensitivity to keep the worst in float")
+    ranking = _rank(config, pre, candidates, first[0], write, x_rank, threads, tmp)  # no status: write shows one
+    layers = [name for name, _ in ranking]
+    attempts: list[dict[str, Any]] = [{"float_layers": [], "agreement": round(first[1], 6)}]
+    paths: dict[int, tuple[Path, float]] = {0: first}
+
+    def passes(k: int) -> bool:
+        path = write(tmp / f"int8-float{k}.onnx", also_float=[n for name in layers[:k] for n in candidates[name]])
+        paths[k] = (path, agreement_of(path))
+        attempts.append({"float_layers": layers[:k], "agreement": round(paths[k][1], 6)})
+        _console.info(f"  fallback: {k} layer(s) in float ({', '.join(layers[:k])}): agreement {paths[k][1]:.1%}")
+        return paths[k][1] >= config.min_agreement
+
+    cap = min(config.max_float_layers, len(layers))
+    k = smallest_passing(cap, passes) if cap else None
+    best = k if k is not None else max(paths, key=lambda i: paths[i][1])
+    report = {
+        "mode": "auto",
+        "measure": ("SQNR (dB) of the layer's quantized weights and activations, worst of them" if mode == "static"
+                    else "SQNR (dB) of the logits with only that layer quantized"),
+        "sensitivity": [{"layer": name, "sqnr_db": score} for name, score in ranking[:max(2 * cap, 10)]],
+        "attempts": attempts,
+        "reached": k is not None,
+        "kept_float": layers[:best],
+        "keep_float": [*config.keep_float, *layers[:best]],
+    }
+    return report, paths[best][0]
 
 
 def quantize_onnx(
@@ -302,22 +380,35 @@ def quantize_onnx(
     x_cal = calibration_examples(data, config.calibration_size) if static else None
     reduce_range = reduce_range_for(config.reduce_range)
     label = "static" if static else "dynamic"
+    reference: nn.Module | Path = model if model is not None else src
+    x_parity = data.x_test[:parity_samples]
+    fallback: dict[str, Any] | None = None
     with tempfile.TemporaryDirectory(prefix="slimkit-quant-") as tmp:
         dense, densified = _densify(src, Path(tmp) / "dense.onnx")
         pre, preprocessed = _preprocess(dense, Path(tmp) / "pre.onnx")
-        exclude, kept = _excluded_nodes(onnx.load(str(pre), load_external_data=False), config.keep_float)
-        write = _writer(pre, config, x_cal, exclude, reduce_range, range_overrides)
-        with _console.status(f"{label} INT8 quantization with ONNX Runtime"), _quiet_ort():
-            try:
-                _io.atomic_write(dst, write)
-            except SlimkitError:
-                raise
-            except Exception as e:
-                raise ExportError(f"ONNX Runtime could not quantize {src.name}: {type(e).__name__}: "
-                                  f"{str(e).splitlines()[0][:300] if str(e) else ''}") from None
+        pre_model = onnx.load(str(pre), load_external_data=False)
+        exclude, kept = _excluded_nodes(pre_model, config.keep_float)
+
+        def write(out: Path, also_float: Sequence[str] = (), only: list[str] | None = None, qdq: bool = False) -> Path:
+            cfg = dataclasses.replace(config, format="qdq") if qdq and isinstance(config, StaticInt8) else config
+            with _console.status(f"{label} INT8 quantization with ONNX Runtime"), _quiet_ort():
+                return _quantize(_writer(pre, cfg, x_cal, [*exclude, *also_float], reduce_range, range_overrides, only),
+                                 out, src.name)
+
+        chosen = write(Path(tmp) / "int8.onnx")
+        if config.fallback == "auto":
+            agreement = parity(reference, chosen, x_parity, threads=threads)["top1_agreement"]
+            if agreement < config.min_agreement:
+                x_rank = data.calibration(RANK_EXAMPLES) if x_cal is None else x_cal[:RANK_EXAMPLES]
+                fallback, chosen = _auto_fallback(
+                    config, pre, pre_model, (chosen, agreement), write,
+                    lambda path: parity(reference, path, x_parity, threads=threads)["top1_agreement"],
+                    x_rank, threads, Path(tmp))
+                kept.update(_nodes_of_layers(pre_model, fallback["kept_float"]))
+        _io.atomic_write(dst, lambda out: shutil.copyfile(chosen, out))
     optimized = _optimized_graph(dst, threads)
     ops_int = _census(optimized.graph, INT8_KERNELS)
-    agreement = parity(model if model is not None else src, dst, data.x_test[:parity_samples], threads=threads)
+    agreement = parity(reference, dst, x_parity, threads=threads)
     report: dict[str, Any] = {
         "mode": label,
         **({"ops": config.ops} if isinstance(config, DynamicInt8) else
@@ -335,6 +426,7 @@ def quantize_onnx(
         "onnx_bytes": {"float": src.stat().st_size, "int8": dst.stat().st_size},
         "accuracy": {"float": _onnx_accuracy(src, data, threads), "int8": _onnx_accuracy(dst, data, threads)},
         "agreement": agreement,
+        **({"fallback": fallback} if fallback is not None else {}),
     }
     report["accuracy_drop"] = round(report["accuracy"]["float"] - report["accuracy"]["int8"], 6)
     report.update(speed_report(compare_latency({"float": src, "int8": dst}, data, target.batch_sizes, threads=threads,
@@ -342,6 +434,23 @@ def quantize_onnx(
     if not ops_int:
         _console.info("  [yellow]no integer kernel runs in ONNX Runtime's optimised graph[/yellow]")
     return report
+
+
+def _refusal(report: Mapping[str, Any], cfg: StaticInt8 | DynamicInt8, step: str) -> str:
+    """Why an INT8 artifact below ``min_agreement`` is refused, and what the automatic fallback tried."""
+    agree, samples = report["agreement"]["top1_agreement"], report["agreement"]["samples"]
+    head = (f"the INT8 model agrees with the float model on only {agree:.1%} of {samples} test examples "
+            f"(min_agreement {cfg.min_agreement:.0%})")
+    fallback = report.get("fallback")
+    if fallback is None:
+        auto = " (or let fallback: auto find them)" if step != "qat" else ""
+        return (f"{head}; keep sensitive layers in float with keep_float{auto}, calibrate on more examples, or try "
+                "method: entropy / percentile.")
+    tried = "; ".join(f"[{', '.join(a['float_layers'])}] -> {a['agreement']:.1%}" for a in fallback["attempts"])
+    return (f"{head}, even with the most INT8-sensitive layers kept in float (fallback: auto, at most "
+            f"max_float_layers {cfg.max_float_layers}). Layers in float and the agreement of each attempt: {tried}. "
+            "Raise max_float_layers, name the layers in keep_float, calibrate on more examples, or try "
+            "method: entropy / percentile.")
 
 
 def onnx_step(ctx: Context, cfg: StaticInt8 | DynamicInt8, step: str, overrides: dict | None = None,
@@ -360,10 +469,11 @@ def onnx_step(ctx: Context, cfg: StaticInt8 | DynamicInt8, step: str, overrides:
                                 range_overrides=overrides))
     agree = report["agreement"]["top1_agreement"]
     if agree < cfg.min_agreement:
-        raise ExportError(
-            f"the INT8 model agrees with the float model on only {agree:.1%} of {report['agreement']['samples']} "
-            f"test examples (min_agreement {cfg.min_agreement:.0%}); keep sensitive layers in float with "
-            "keep_float, calibrate on more examples, or try method: entropy / percentile.")
+        raise ExportError(_refusal(report, cfg, step))
+    fallback = report.get("fallback")
+    if fallback is not None:
+        _console.info(f"  kept in float automatically: {', '.join(fallback['kept_float'])} (agreement {agree:.1%}); "
+                      f"to reproduce without the search: keep_float: \\[{', '.join(fallback['keep_float'])}]")
     lat = report["latency_ms"]
     summary = ", ".join(f"batch {b}: {lat['float'][b]:.3f} -> {lat['int8'][b]:.3f} ms" for b in lat["float"])
     report["applied"] = report["faster"] or cfg.if_slower != "revert"

@@ -271,7 +271,8 @@ def qat_export(cfg: QAT) -> ExportTransform:
     def transform(ctx: Context, float_path: Path) -> tuple[Path, dict[str, Any]]:
         static = StaticInt8(calibration_size=cfg.calibration_size, per_channel=cfg.per_channel,
                             activation_type=cfg.activation_type, weight_type="int8", keep_float=list(cfg.keep_float),
-                            if_slower=cfg.if_slower, min_agreement=cfg.min_agreement)
+                            if_slower=cfg.if_slower, min_agreement=cfg.min_agreement,
+                            fallback="off")  # the learned ranges hold for the layers QAT trained as INT8
         overrides = qat_ranges(ctx.model, float_path)
         saved = ctx.onnx_path
         report = onnx_step(ctx, static, "qat", overrides, float_path=float_path)
