@@ -142,7 +142,7 @@ def test_filter_fn_and_bad_configs():
 def test_apply_chain_and_reload(cli, trained, digits, tmp_path):
     _, weights = trained("lenet5")
     (tmp_path / "r.yaml").write_text(
-        "steps:\n  - separable: {multiplier: 2}\n  - decompose: {conv: none, ratio: 0.2, skip: [fc2]}\n"
+        "steps:\n  - separable: {multiplier: 2, if_slower: keep}\n  - decompose: {conv: none, ratio: 0.2, skip: [fc2], if_slower: keep}\n"
         "  - distill: {epochs: 1, batch_size: 64, features: {conv2: conv2}}\n  - export: {}\n")
     out = tmp_path / "run"
     r = cli("apply", tmp_path / "r.yaml", "--model", "zoo:lenet5", "--weights", weights, "--out", out,
@@ -177,7 +177,7 @@ def test_structured_pruning_after_separable_with_a_channel_multiplier(trained, d
     import slimkit
 
     model, _ = trained("lenet5")
-    res = slimkit.apply([{"separable": {"multiplier": 2}}, {"prune_structured": {"ratio": 0.47}}, "export"], model, digits, out=tmp_path / "sp", budget=None, target=slimkit.Target("ort-cpu", threads=1, max_seconds=0.05, layers=False))
+    res = slimkit.apply([{"separable": {"multiplier": 2, "if_slower": "keep"}}, {"prune_structured": {"ratio": 0.47, "if_slower": "keep"}}, "export"], model, digits, out=tmp_path / "sp", budget=None, target=slimkit.Target("ort-cpu", threads=1, max_seconds=0.05, layers=False))
     step = next(s for s in res.report["steps"] if s["step"] == "prune_structured")
     assert "cannot be pruned" in step["skipped"]["conv1.1"]
     assert step["pruned_layers"]  # the rest was pruned

@@ -211,7 +211,7 @@ def test_recipe_order_is_checked_before_work():
 def test_apply_decompose_then_reload_from_safetensors(cli, trained, digits, tmp_path):
     _, weights = trained("resnet", width=0.5)
     (tmp_path / "r.yaml").write_text(
-        "steps:\n  - decompose: {conv: cp, ratio: 0.5, skip: [fc]}\n  - finetune: {epochs: 1, batch_size: 64, max_batches: 4}\n"
+        "steps:\n  - decompose: {conv: cp, ratio: 0.5, skip: [fc], if_slower: keep}\n  - finetune: {epochs: 1, batch_size: 64, max_batches: 4}\n"
         "  - export: {}\n")
     out = tmp_path / "run"
     r = cli("apply", tmp_path / "r.yaml", "--model", "zoo:resnet,width=0.5", "--weights", weights, "--data", "digits",
@@ -231,7 +231,8 @@ def test_decompose_command(cli, trained, tmp_path):
     _, weights = trained("lenet300")
     out = tmp_path / "d"
     r = cli("decompose", "--model", "zoo:lenet300", "--weights", weights, "--ratio", "0.25", "--skip", "fc3",
-            "--rank", "fc2=10", "--finetune-epochs", "1", "--out", out, "--batch", "1", "--max-seconds", "0.1")
+            "--rank", "fc2=10", "--finetune-epochs", "1", "--out", out, "--batch", "1", "--max-seconds", "0.1",
+            "--if-slower", "keep")
     assert r.code == 0, r
     res = json.loads((out / "result.json").read_text())
     assert [s["step"] for s in res["steps"]] == ["decompose", "finetune", "export"]

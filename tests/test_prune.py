@@ -384,7 +384,7 @@ def test_apply_saves_a_pruned_model_that_loads_as_itself(cli, digits, tmp_path):
     weights = save_model(load_model("zoo:resnet,width=0.5", input_shape=digits.input_shape, num_classes=10),
                          tmp_path / "resnet.safetensors")
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("steps:\n  - prune_structured: {ratio: 0.5, round_to: 4}\n  - export\n")
+    recipe.write_text("steps:\n  - prune_structured: {ratio: 0.5, round_to: 4, if_slower: keep}\n  - export\n")
     out = tmp_path / "run"
     r = cli("apply", recipe, "--model", "zoo:resnet,width=0.5", "--weights", weights, "--data", "digits",
             "--out", out, "--batch", "1", "--max-seconds", "0.05", "-q")

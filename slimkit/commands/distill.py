@@ -109,6 +109,7 @@ def decompose_cmd(
     skip: Annotated[Optional[list[str]], typer.Option("--skip", help="Leave this layer (or prefix) alone (repeatable).")] = None,
     finetune_epochs: Annotated[int, typer.Option("--finetune-epochs", help="Fine-tune epochs after decomposing, distilled from the original (0: none).")] = 3,
     lr: float = option(TrainConfig, "lr", default=5e-4, help="Fine-tune learning rate."),
+    if_slower: Annotated[str, typer.Option("--if-slower", help="When the decomposed model is slower on the target (timed side by side): revert (layers slower on their own first, then the whole step) or keep.")] = "revert",
     target: Target = options(Target),
     budget: Budget = options(Budget, only=("max_accuracy_drop",), help=BUDGET_HELP),
     seed: int = SEED,
@@ -118,7 +119,8 @@ def decompose_cmd(
     """Low-rank decomposition (SVD / Tucker-2 / CP), fine-tune with distillation, export and measure."""
     _console.set_quiet(quiet)
     require_model(model.spec, model.weights, "zoo:resnet --weights model.safetensors")
-    cfg = LowRank(conv=conv, linear=linear, energy=energy, ratio=ratio, ranks=_ranks(rank), skip=list(skip or []))
+    cfg = LowRank(conv=conv, linear=linear, energy=energy, ratio=ratio, ranks=_ranks(rank), skip=list(skip or []),
+                  if_slower=if_slower)
     steps = [Step("decompose", cfg)]
     if finetune_epochs:
         steps.append(Step("finetune", Finetune(epochs=finetune_epochs, lr=lr, seed=seed)))

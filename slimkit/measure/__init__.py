@@ -37,6 +37,8 @@ __all__ = [
     "count_params",
     "count_macs",
     "layer_macs",
+    "rnn_macs",
+    "attention_macs",
     "artifact_bytes",
     "accuracy",
     "latency",
@@ -72,17 +74,96 @@ def count_params(model: nn.Module) -> dict[str, int]:
     return {"params": total, "nonzero_params": nonzero}
 
 
+def rnn_macs(module: nn.RNNBase, steps: int) -> int:
+    """Multiply-accumulates of a recurrent layer (``nn.LSTM``, ``nn.GRU``, ``nn.RNN``) over ``steps``
+    time steps of one sequence.
+
+    Every weight matrix (input-to-hidden, hidden-to-hidden and LSTM's projection, in every layer and
+    direction) does one multiply-accumulate per element per step: gates x (input + hidden) x hidden
+    x steps for each layer and direction. Gate non-linearities and element-wise products are not
+    counted, as for the other layers.
+
+    >>> rnn_macs(nn.LSTM(8, 64), steps=8)  # 4 gates x (8*64 + 64*64) x 8 steps
+    147456
+    >>> # GRU: 3 gates; 2 directions; the second layer reads both directions' 32 states
+    >>> rnn_macs(nn.GRU(28, 32, num_layers=2, bidirectional=True), steps=28)
+    838656
+    """
+    weights = sum(p.numel() for name, p in module.named_parameters(recurse=False) if name.startswith("weight_"))
+    return int(steps) * int(weights)
+
+
+def attention_macs(module: nn.MultiheadAttention, query_len: int, key_len: int | None = None) -> int:
+    """Multiply-accumulates of ``nn.MultiheadAttention`` for one example: the Q, K, V and output
+    projections plus the two attention matmuls (Q K^T and the weighted sum of V), over all heads.
+
+    >>> attention_macs(nn.MultiheadAttention(16, 4), query_len=5)  # 4*L*E^2 + 2*L^2*E
+    5920
+    """
+    e, lq = module.embed_dim, int(query_len)
+    lk = lq if key_len is None else int(key_len)
+    attended = lk + (module.bias_k is not None) + int(module.add_zero_attn)  # keys the queries attend to
+    projections = lq * e * e + lk * module.kdim * e + lk * module.vdim * e + lq * e * e  # Q, K, V, out
+    return int(projections + 2 * lq * attended * e)  # + Q K^T and attention x V (heads x head_dim = E)
+
+
+def _batch_and_steps(x: Any) -> int:
+    """Batch x sequence length of a recurrent or attention input (a PackedSequence: its real steps)."""
+    if isinstance(x, nn.utils.rnn.PackedSequence):
+        return int(x.batch_sizes.sum())
+    if x.dim() == 2:  # unbatched (T, F)
+        return int(x.shape[0])
+    return int(x.shape[0] * x.shape[1])
+
+
+def _analytic_hook(counts: dict[str, int], name: str) -> Any:
+    """A forward hook adding the MACs of a recurrent or attention module (FlopCounterMode misses them:
+    oneDNN's LSTM kernel and the attention fast path are not counted) to ``counts[name]``."""
+
+    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+        if isinstance(module, nn.RNNBase):
+            x = args[0] if args else kwargs["input"]
+            counts[name] = counts.get(name, 0) + rnn_macs(module, _batch_and_steps(x))
+        else:
+            assert isinstance(module, nn.MultiheadAttention)
+            q = args[0] if args else kwargs["query"]
+            k = args[1] if len(args) > 1 else kwargs.get("key", q)
+            if q.dim() == 2:  # unbatched (L, E)
+                batch, lq, lk = 1, q.shape[0], k.shape[0]
+            elif module.batch_first:  # (N, L, E)
+                batch, lq, lk = q.shape[0], q.shape[1], k.shape[1]
+            else:  # (L, N, E)
+                batch, lq, lk = q.shape[1], q.shape[0], k.shape[0]
+            counts[name] = counts.get(name, 0) + int(batch) * attention_macs(module, lq, lk)
+
+    return hook
+
+
 def layer_macs(model: nn.Module, input_shape: Sequence[int]) -> dict[str, int]:
-    """Multiply-accumulates per module (fully qualified name) for one example, via FlopCounterMode."""
+    """Multiply-accumulates per module (fully qualified name) for one example, via FlopCounterMode.
+
+    Recurrent layers and multi-head attention are counted by their shapes (:func:`rnn_macs`,
+    :func:`attention_macs`), their containers included.
+    """
     from torch.utils.flop_counter import FlopCounterMode
 
     was_training = model.training
     model.eval()
     counter = FlopCounterMode(display=False)
+    analytic: dict[str, int] = {}
+    called: set[str] = set()  # modules whose forward ran (a ModuleList never does)
+    handles = [m.register_forward_hook(_analytic_hook(analytic, n), with_kwargs=True)
+               for n, m in model.named_modules() if isinstance(m, (nn.RNNBase, nn.MultiheadAttention))]
+    handles += [m.register_forward_pre_hook(lambda mod, args, n=n: called.add(n)) for n, m in model.named_modules()]
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)  # encoder layers call their attention module
     try:
         with counter, torch.no_grad():
             model(torch.zeros((1, *input_shape)))
     finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+        for h in handles:
+            h.remove()
         model.train(was_training)
     root = type(model).__name__
     out: dict[str, int] = {}
@@ -93,11 +174,22 @@ def layer_macs(model: nn.Module, input_shape: Sequence[int]) -> dict[str, int]:
         name = key[len(root) + 1:] if key.startswith(root + ".") else ("" if key == root else key)
         if name:
             out[name] = sum(ops.values()) // 2  # a multiply-accumulate is two FLOPs
+    for name, macs in analytic.items():  # replace the counter's figure, in the module and all above it
+        delta = macs - out.get(name, 0)
+        parts = name.split(".")
+        for owner in [".".join(parts[:i]) for i in range(len(parts), 0, -1)] + [""]:
+            if owner in called or owner in out:
+                out[owner] = out.get(owner, 0) + delta
     return out
 
 
 def count_macs(model: nn.Module, input_shape: Sequence[int]) -> int:
-    """Multiply-accumulates of conv / linear / matmul ops for one example."""
+    """Multiply-accumulates of conv / linear / matmul ops, recurrent layers and attention for one example.
+
+    >>> from slimkit.models import create_model
+    >>> count_macs(create_model("lstm", input_shape=(1, 8, 8), num_classes=10, hidden=64), (1, 8, 8))
+    148096
+    """
     return int(layer_macs(model, input_shape).get("", 0))
 
 
@@ -280,14 +372,19 @@ def _profile(
 
 
 def _torch_layers(model: nn.Module, input_shape: Sequence[int]) -> dict[str, dict[str, Any]]:
+    """One row per leaf module and per module with parameters of its own (``nn.MultiheadAttention``'s
+    input projections), with the MACs of its own computation (its children's left to their rows)."""
     macs = layer_macs(model, input_shape)
     out: dict[str, dict[str, Any]] = {}
     for name, mod in model.named_modules():
-        if not name or list(mod.children()):
+        children = [f"{name}.{c}" for c, _ in mod.named_children()]
+        own = list(mod.parameters(recurse=False))
+        if not name or (children and not own):
             continue
-        n = sum(p.numel() for p in mod.parameters(recurse=False))
-        nz = sum(int(torch.count_nonzero(p.detach())) for p in mod.parameters(recurse=False))
-        out[name] = {"type": type(mod).__name__, "params": n, "nonzero_params": nz, "macs": macs.get(name, 0)}
+        n = sum(p.numel() for p in own)
+        nz = sum(int(torch.count_nonzero(p.detach())) for p in own)
+        m = max(0, macs.get(name, 0) - sum(macs.get(c, 0) for c in children))
+        out[name] = {"type": type(mod).__name__, "params": n, "nonzero_params": nz, "macs": m}
     return out
 
 

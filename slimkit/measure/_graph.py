@@ -59,7 +59,9 @@ def module_of_node(node: Any, params: set[str]) -> str | None:
             names = ast.literal_eval(scopes)
         except (ValueError, SyntaxError):
             names = []
-        mods = [n for n in names[:-1] if n]  # the last entry is the aten op itself
+        # the last entry is the aten op itself; a node made outside any module (an LSTM's zero
+        # initial state) is placed in the exporter's placeholder scope, which is no module
+        mods = [n for n in names[:-1] if n and not n.startswith("_empty_nn_module_stack")]
         if mods:
             return mods[-1]
     return None
@@ -130,6 +132,13 @@ def _node_macs(node: Any, shapes: dict[str, list[int]]) -> int:
         k, n = (b[1], b[0]) if attrs.get("transB", 0) else (b[0], b[1])
         m = (a[1] if attrs.get("transA", 0) else a[0]) if a else 1
         return int(m * k * n)
+    if op in ("LSTM", "GRU", "RNN", "DynamicQuantizeLSTM"):
+        x, w, r = shape(ins[0]), shape(ins[1]), shape(ins[2])
+        if not x or len(x) < 3 or not w or not r:
+            return 0
+        # every weight of W (input) and R (recurrent), all directions, once per step and sequence:
+        # X is (T, N, F) or, with layout=1, (N, T, F); DynamicQuantizeLSTM stores W, R transposed
+        return int(x[0] * x[1] * (math.prod(w) + math.prod(r)))
     if op in ("MatMul", "MatMulInteger", "QLinearMatMul"):
         a = shape(ins[0])
         b = shape(ins[3] if op == "QLinearMatMul" else ins[1])
@@ -158,7 +167,8 @@ def graph_stats(path: str | Path) -> dict[str, Any]:
     Parameters are the initializers that hold weights: scales and zero points of
     quantization and the running statistics of batch norms are left out, and an INT32 bias
     feeding a DequantizeLinear counts as a parameter. MACs count Conv, Gemm and MatMul
-    (and their integer forms).
+    (and their integer forms) and the recurrent LSTM, GRU and RNN (and DynamicQuantizeLSTM).
+    A weight the exporter renamed (``val_48``) is counted with the module of the node that reads it.
     """
     onnx = _onnx()
     from onnx import numpy_helper
@@ -192,15 +202,23 @@ def graph_stats(path: str | Path) -> dict[str, Any]:
 
     shapes = _shapes(model)
     layers: dict[str, dict[str, Any]] = defaultdict(lambda: {"params": 0, "nonzero_params": 0, "macs": 0, "ops": []})
+    param_set = set(params)
+    readers: dict[str, str] = {}  # an unnamed weight -> the module of the first node reading it
+    for node in g.node:
+        unnamed = [i for i in node.input if i in param_set and module_of_tensor(i) is None and i not in readers]
+        owner = module_of_node(node, param_set) if unnamed else None
+        for i in unnamed:
+            if owner is not None:
+                readers[i] = owner
     for name, (n, nz) in params.items():
-        mod = module_of_tensor(name) or name
+        mod = module_of_tensor(name) or readers.get(name) or name
         layers[mod]["params"] += n
         layers[mod]["nonzero_params"] += nz
     total_macs = 0
     for node in g.node:
         macs = _node_macs(node, shapes)
         total_macs += macs
-        owner = module_of_node(node, set(params))
+        owner = module_of_node(node, param_set)
         if owner is None:
             continue
         entry = layers[owner]

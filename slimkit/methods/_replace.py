@@ -8,6 +8,7 @@ such a verb as a recipe step.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
@@ -19,8 +20,8 @@ from .. import _console
 from ..errors import ConfigError, SlimkitError
 from ..measure import count_macs, count_params
 from ..measure.backends import torch_threads
-from ..models import origin_of
-from ..pipeline import Context
+from ..models import forget_structure, origin_of, set_module
+from ..pipeline import Context, judged_report, never_slower, slower_at, time_models
 
 HAS_NO = "the model has no layer '{key}'; its {what} are: {names}"
 
@@ -92,7 +93,9 @@ def replace_layers_(model: nn.Module, x: torch.Tensor, names: list[str],
         task = bar.add_task(label, total=len(names), info="")
         for name in names:
             bar.update(task, info=name)
-            rows.append(replace(name, model.get_submodule(name), sites.get(name)))
+            site = sites.get(name)
+            row = replace(name, model.get_submodule(name), site)
+            rows.append({**row, "in_shape": list(site.in_shape)} if site is not None and row["replaced"] else row)
             bar.advance(task)
     params_after, macs_after = count_params(model)["params"], count_macs(model, input_shape)
     replaced = sum(bool(r["replaced"]) for r in rows)
@@ -103,8 +106,40 @@ def replace_layers_(model: nn.Module, x: torch.Tensor, names: list[str],
 
 
 def run_replacing(ctx: Context, verb: Callable[..., dict[str, Any]], cfg: Any, step: str) -> dict[str, Any]:
-    """A layer-replacing step: ``verb(ctx.model, cfg, example=...)``, its config errors placed in ``step``."""
+    """A layer-replacing step: ``verb(ctx.model, cfg, example=...)``, its config errors placed in ``step``,
+    then judged by its artifact on the target (:func:`slimkit.pipeline.never_slower`, ``cfg.if_slower``):
+    the replaced layers that are slower on their own are given back first."""
+    before = copy.deepcopy(ctx.model)
     try:
-        return verb(ctx.model, cfg, example=ctx.data.example(1))
+        report = verb(ctx.model, cfg, example=ctx.data.example(1))
     except ConfigError as e:
         raise e.located(f"recipe step '{step}'") from None
+    if not report["replaced"]:
+        return report
+    speed = never_slower(ctx, step, before, cfg.if_slower,
+                         revert_layers=lambda b: _revert_slower_layers(ctx, b, report, step))
+    return judged_report(ctx, report, speed)
+
+
+def _revert_slower_layers(ctx: Context, before: nn.Module, report: dict[str, Any], step: str) -> list[str]:
+    """Time each replaced layer against the one it replaced, alone, on the target; give back the slower."""
+    reverted = []
+    for row in report["layers"]:
+        if not row["replaced"]:
+            continue
+        name = row["name"]
+        original = before.get_submodule(name)
+        timed = time_models(ctx, {"original": original, "replaced": ctx.model.get_submodule(name)},
+                            tag=name, example_shape=tuple(row["in_shape"]), label=f"timing {step} of {name} alone")
+        slower = slower_at(timed, "original", "replaced")
+        if slower:
+            set_module(ctx.model, name, copy.deepcopy(original))
+            forget_structure(ctx.model, name)
+            speed = ", ".join(f"{s:.2f}x @{b}" for b, s in slower.items())
+            row.update(replaced=False, reverted=True, reason=f"slower on {ctx.target} on its own ({speed})")
+            reverted.append(name)
+    if reverted:
+        shape = tuple(ctx.data.example(1).shape[1:])
+        report.update(replaced=sum(bool(r["replaced"]) for r in report["layers"]),
+                      params_after=count_params(ctx.model)["params"], macs_after=count_macs(ctx.model, shape))
+    return reverted

@@ -35,7 +35,7 @@ from torch import nn
 from ..config import check
 from ..layers import FilterFn, LayerSelection
 from ..models import record_structure, register_structure_op, set_module
-from ..pipeline import Context, register_space, register_step
+from ..pipeline import Context, check_if_slower, register_space, register_step
 from ._replace import HAS_NO, Site, conv_geometry, example_for, replace_layers_, run_replacing
 from .decompose import Factorized, _cost, decomposable_layers
 
@@ -50,14 +50,18 @@ class Separable:
     (a rank-``multiplier`` fit per input channel); fine-tune afterwards (``finetune`` / ``distill``).
     ``multiplier``: depthwise filters per input channel. ``skip``: layer names, globs or
     blocks left alone. ``only_if_smaller``: replace a layer only when that reduces both its
-    parameters and its MACs.
+    parameters and its MACs. ``if_slower``: when the model after the step is slower on the target than before it
+    (timed side by side), ``revert`` it (the default) or ``keep`` it anyway.
+    The pairs that are slower than the convolutions they replaced, timed alone, are given back first.
     """
 
     multiplier: int = 1
     skip: list[str] = field(default_factory=list)
     only_if_smaller: bool = True
+    if_slower: str = "revert"
 
     def __post_init__(self) -> None:
+        check_if_slower(self.if_slower)
         check(1 <= self.multiplier <= 64, "multiplier", f"must be in 1..64 (depthwise filters per input channel), "
                                                          f"got {self.multiplier}")
 
@@ -166,7 +170,7 @@ def _replace(model: nn.Module, name: str, conv: nn.Conv2d, site: Site | None, cf
     return {**row, "replaced": True, "rel_error": round(err, 6)}
 
 
-@register_step("separable", Separable, forbids={"exported", "quantized", "fake_quant", "masked"})
+@register_step("separable", Separable, forbids={"exported", "quantized", "fake_quant", "masked"}, reports_speed=True)
 def _separable_step(ctx: Context, cfg: Separable) -> dict[str, Any]:
     """Depthwise-separable replacement of dense convolutions; follow it with finetune or distill."""
     return run_replacing(ctx, separable_, cfg, "separable")

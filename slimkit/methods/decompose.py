@@ -45,7 +45,7 @@ from ..config import check
 from ..errors import ConfigError
 from ..layers import FilterFn, LayerSelection
 from ..models import record_structure, register_structure_op, set_module
-from ..pipeline import Context, register_space, register_step
+from ..pipeline import Context, check_if_slower, register_space, register_step
 from ._replace import HAS_NO, Layer, Site, conv_geometry, example_for, replace_layers_, run_replacing
 
 __all__ = [
@@ -91,7 +91,9 @@ class LowRank:
     (``min(out, in)``; Tucker-2: each of ``C_out``, ``C_in``; CP: ``min(C_out, C_in)``), else the
     smallest rank that keeps ``energy`` of the weight's squared norm. ``skip``: layer names, globs
     or blocks left alone. ``only_if_smaller``: replace a layer only when that reduces both
-    its parameters and its MACs. ``iterations``: Tucker-2 (HOOI) / CP (ALS) iterations.
+    its parameters and its MACs. ``iterations``: Tucker-2 (HOOI) / CP (ALS) iterations. ``if_slower``: when the model after the step is slower on the target than before it
+    (timed side by side), ``revert`` it (the default) or ``keep`` it anyway.
+    The layers that are slower than the ones they replaced, timed alone, are given back first.
     """
 
     conv: str = "tucker2"
@@ -102,6 +104,7 @@ class LowRank:
     skip: list[str] = field(default_factory=list)
     only_if_smaller: bool = True
     iterations: int = 20
+    if_slower: str = "revert"
 
     def __post_init__(self) -> None:
         check(self.conv in CONV_METHODS, "conv", f"got '{self.conv}'; choose one of {', '.join(CONV_METHODS)}")
@@ -112,6 +115,7 @@ class LowRank:
         check(self.ratio is None or 0 < self.ratio <= 1, "ratio",
               f"must be in (0, 1] (rank as a fraction of the full rank) or null, got {self.ratio}")
         check(self.iterations >= 1, "iterations", f"must be >= 1, got {self.iterations}")
+        check_if_slower(self.if_slower)
         for name, rank in self.ranks.items():
             ok = rank is None or (isinstance(rank, int) and rank >= 1) or (
                 isinstance(rank, (list, tuple)) and len(rank) == 2 and all(isinstance(r, int) and r >= 1 for r in rank))
@@ -514,7 +518,7 @@ def _factorize(kind: str, m: Layer, w: torch.Tensor, rank: Rank, cfg: LowRank) -
 # ----------------------------------------------------------------------------- recipe step and search space
 
 
-@register_step("decompose", LowRank, forbids={"exported", "quantized", "fake_quant", "masked"})
+@register_step("decompose", LowRank, forbids={"exported", "quantized", "fake_quant", "masked"}, reports_speed=True)
 def _decompose_step(ctx: Context, cfg: LowRank) -> dict[str, Any]:
     """Low-rank decomposition of the model's layers; follow it with finetune or distill."""
     return run_replacing(ctx, decompose_, cfg, "decompose")

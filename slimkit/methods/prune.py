@@ -33,7 +33,8 @@ from ..errors import ExportError, SlimkitError
 from ..export import parity
 from ..layers import FilterFn, LayerSelection
 from ..measure import count_macs, count_params
-from ..pipeline import Context, Finetune, register_space, register_step
+from ..pipeline import (Context, Finetune, check_if_slower, judged_report, never_slower, register_space,
+                        register_step)
 from ..training import fit
 from ._prune_masks import (
     AGPSchedule,
@@ -127,9 +128,11 @@ class Structured:
     channels are ranked (``l1``, ``l2`` weight norms, ``taylor`` first-order loss change on
     real training batches, ``bn-scale`` batch-norm scale). ``round_to``: each layer keeps the
     nearest multiple of this many channels (8 by default: ONNX Runtime's CPU kernels run odd
-    channel counts much slower; 1: no rounding; ``scope="global"`` rounds down). ``skip``:
+    channel counts much slower; 1: no rounding; ``scope="global"`` rounds down); for a grouped
+    convolution, each group keeps a multiple of it. ``skip``:
     layers whose output channels are kept (the classifier always is). ``finetune``: fine-tune
-    after pruning (distilling from the unpruned model by default).
+    after pruning (distilling from the unpruned model by default). ``if_slower``: when the model after the step is slower on the target than before it
+    (timed side by side), ``revert`` it (the default) or ``keep`` it anyway.
     """
 
     ratio: float = 0.3
@@ -139,6 +142,7 @@ class Structured:
     skip: list[str] = field(default_factory=list)
     scope: str = "layer"
     finetune: Finetune | None = None
+    if_slower: str = "revert"
 
     def __post_init__(self) -> None:
         check(isinstance(self.ratio, (int, float)) and 0 <= self.ratio < 1, "ratio",
@@ -149,6 +153,7 @@ class Structured:
               f"unknown importance '{self.importance}'; choose one of {', '.join(IMPORTANCES)}")
         check(self.round_to >= 1, "round_to", f"must be >= 1 (1: no rounding), got {self.round_to}")
         check(self.scope in SCOPES, "scope", f"got '{self.scope}'; choose one of {', '.join(SCOPES)}")
+        check_if_slower(self.if_slower)
 
 
 @dataclass
@@ -294,16 +299,19 @@ def _unstructured_space(trial: Any) -> Unstructured | None:
     )
 
 
-@register_step("prune_structured", Structured, forbids={"exported", "quantized", "masked"})
+@register_step("prune_structured", Structured, forbids={"exported", "quantized", "masked"}, reports_speed=True)
 def _structured_step(ctx: Context, cfg: Structured) -> dict[str, Any]:
-    """Structured channel pruning (Torch-Pruning): fewer channels, fewer MACs, a faster artifact."""
+    """Structured channel pruning (Torch-Pruning): fewer channels, fewer MACs, and, measured on the
+    target, a faster artifact (else reverted: ``if_slower``)."""
+    before = copy.deepcopy(ctx.model)
     report = prune_(ctx.model, cfg, example=ctx.data.example(2, split="train"), data=ctx.data, teacher=ctx.teacher,
                     hooks=ctx.train_hooks())
     if not report.get("pruned_layers"):
         skipped = report.get("skipped") or {}
         why = "; ".join(f"{name}: {reason}" for name, reason in list(skipped.items())[:5]) or "no layer with channels"
         ctx.not_met.append(f"prune_structured removed no channel: nothing in this model could be pruned ({why}).")
-    return report
+        return report
+    return judged_report(ctx, report, never_slower(ctx, "prune_structured", before, cfg.if_slower))
 
 
 @register_space("prune_structured", order=30)

@@ -20,6 +20,7 @@ architecture before loading its weights.
 from __future__ import annotations
 
 import collections
+import hashlib
 import inspect
 import json
 import pickle
@@ -52,6 +53,8 @@ __all__ = [
     "zoo_names",
     "register_structure_op",
     "record_structure",
+    "forget_structure",
+    "model_fingerprint",
     "structure_of",
     "origin_of",
     "set_origin",
@@ -97,6 +100,30 @@ def record_structure(model: nn.Module, op: dict[str, Any]) -> None:
     if "op" not in op or op["op"] not in _STRUCTURE_OPS:
         raise ValueError(f"structure op {op!r} is not registered")
     model.__dict__.setdefault(_STRUCTURE_ATTR, []).append(json.loads(json.dumps(op)))
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """A hash of ``model``'s class, recorded structure, module tree and state dict: two models with
+    the same fingerprint export to the same ONNX graph."""
+    h = hashlib.sha1(type(model).__qualname__.encode())
+    h.update(json.dumps(structure_of(model), sort_keys=True).encode())
+    h.update(repr(model).encode())
+    for name, t in model.state_dict().items():
+        h.update(name.encode())
+        if not isinstance(t, torch.Tensor):  # e.g. a quantized layer's packed parameters
+            h.update(repr(t).encode())
+            continue
+        t = t.detach().cpu()
+        t = t.int_repr() if t.is_quantized else t.float() if t.dtype == torch.bfloat16 else t
+        h.update(str((t.dtype, tuple(t.shape))).encode())
+        h.update(t.contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def forget_structure(model: nn.Module, layer: str) -> None:
+    """Drop the recorded ops that replaced ``layer`` (``{"layer": layer}``): it was given back."""
+    ops = model.__dict__.get(_STRUCTURE_ATTR, [])
+    model.__dict__[_STRUCTURE_ATTR] = [op for op in ops if op.get("layer") != layer]
 
 
 def structure_of(model: nn.Module) -> list[dict[str, Any]]:

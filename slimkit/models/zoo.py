@@ -2,7 +2,8 @@
 
 Every factory takes the data's ``input_shape`` (``(C, H, W)`` or ``(features,)``) and
 ``num_classes`` and adapts to them, so ``zoo:lenet5`` works on 8x8 digits and on 28x28
-Fashion-MNIST alike.
+Fashion-MNIST alike; ``zoo:lstm`` reads an image row by row (``T = H`` steps of ``C * W``
+features) or a float sequence ``(T, F)``.
 
 >>> from slimkit.models import create_model
 >>> create_model("resnet", input_shape=(1, 8, 8), num_classes=10, width=0.5)  # doctest: +ELLIPSIS
@@ -29,6 +30,8 @@ __all__ = [
     "ResNet",
     "MobileNetV2",
     "MBV2_STAGES",
+    "RecurrentClassifier",
+    "RNN_CELLS",
 ]
 
 _ZOO: dict[str, Callable[..., nn.Module]] = {}
@@ -314,3 +317,64 @@ def mobilenetv2(input_shape: Sequence[int] = (3, 32, 32), num_classes: int = 10,
         for st, v in zip(stages, values):
             st[key] = int(v)
     return MobileNetV2(c, (h, w), num_classes, width, tuple(stages), last_channels=last_channels)
+
+
+# --------------------------------------------------------------------------- LSTM / GRU over sequences
+
+
+RNN_CELLS: dict[str, Callable[..., nn.RNNBase]] = {"lstm": nn.LSTM, "gru": nn.GRU}
+
+
+def _sequence_shape(name: str, input_shape: tuple[int, ...]) -> tuple[int, int]:
+    """``(steps, features)`` of a sequence ``(T, F)``, or of an image ``(C, H, W)`` read row by row."""
+    if len(input_shape) == 2:
+        return input_shape[0], input_shape[1]
+    if len(input_shape) == 3:
+        c, h, w = input_shape
+        return h, c * w
+    raise SlimkitError(
+        f"zoo:{name} reads sequences shaped (T, F) or images (C, H, W) row by row; this data has examples "
+        f"of shape {input_shape}. Use zoo:lenet300 for flat features."
+    )
+
+
+class RecurrentClassifier(nn.Module):
+    """An LSTM (or GRU) over a sequence, classifying from the last hidden state of its top layer.
+
+    The input is ``(N, T, F)``, or ``(N, C, H, W)`` read row by row as ``T = H`` steps of ``C * W``
+    features (Fashion-MNIST: 28 steps of 28 features). ``bidirectional``: the top layer's last
+    forward and backward states are concatenated.
+
+    >>> net = RecurrentClassifier(features=8, num_classes=10, hidden=16)
+    >>> net(torch.zeros(3, 1, 8, 8)).shape, net(torch.zeros(3, 8, 8)).shape
+    (torch.Size([3, 10]), torch.Size([3, 10]))
+    """
+
+    def __init__(self, features: int, num_classes: int = 10, hidden: int = 64, layers: int = 1,
+                 cell: str = "lstm", bidirectional: bool = False):
+        super().__init__()
+        if cell not in RNN_CELLS:
+            raise SlimkitError(f"zoo:lstm cell must be one of {', '.join(RNN_CELLS)}, got '{cell}'.")
+        if hidden < 1 or layers < 1:
+            raise SlimkitError(f"zoo:lstm needs hidden >= 1 and layers >= 1, got hidden={hidden}, layers={layers}.")
+        self.rnn = RNN_CELLS[cell](features, hidden, num_layers=layers, batch_first=True,
+                                   bidirectional=bool(bidirectional))
+        self.directions = 2 if bidirectional else 1
+        self.fc = nn.Linear(hidden * self.directions, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 4:  # (N, C, H, W) -> (N, H, C*W): one step per image row
+            x = x.permute(0, 2, 1, 3).flatten(2)
+        _, state = self.rnn(x)
+        h = state[0] if isinstance(state, tuple) else state  # LSTM: (h_n, c_n); GRU: h_n
+        last = h[-self.directions:]  # (directions, N, hidden): the top layer
+        return self.fc(last.transpose(0, 1).flatten(1))  # (N, directions*hidden) -> (N, classes)
+
+
+@register_model("lstm")
+def lstm(input_shape: Sequence[int] = (1, 28, 28), num_classes: int = 10, hidden: int = 64, layers: int = 1,
+         cell: str = "lstm", bidirectional: bool = False) -> RecurrentClassifier:
+    """An LSTM classifier (``cell=gru`` for a GRU) over ``(T, F)`` sequences or images read row by row,
+    e.g. ``zoo:lstm,hidden=128,layers=2`` or ``zoo:lstm,cell=gru``."""
+    _, features = _sequence_shape("lstm", tuple(input_shape))
+    return RecurrentClassifier(features, num_classes, int(hidden), int(layers), str(cell), bool(bidirectional))

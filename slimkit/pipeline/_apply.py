@@ -28,9 +28,10 @@ from ..export import export_onnx
 from ..models import save_model
 from ._context import Context, SpeedVerdict, run_recipe
 from ._recipe import Recipe
+from ._speed import side_by_side_rounds
 from ._steps import export_step
 
-__all__ = ["apply_recipe", "ApplyResult", "write_result", "time_side_by_side", "side_by_side_rounds"]
+__all__ = ["apply_recipe", "ApplyResult", "write_result", "time_side_by_side"]
 
 
 @dataclass
@@ -82,6 +83,8 @@ def apply_recipe(
         ctx = Context(model=model, data=data, workdir=workdir, target=target.runtime, threads=threads,
                       batch_sizes=target.batch_sizes, teacher=copy.deepcopy(model).eval(),
                       epoch_callbacks=list(hooks), max_seconds=target.max_seconds)
+        if base_onnx is not None:  # a step that times the model before it reuses this file
+            ctx.remember_export(model, base_onnx)
         run_recipe(recipe, ctx)
         net = ctx.model  # a step may replace the model (e.g. distill with a student architecture)
         if ctx.onnx_path is None:  # every result is measured on an exported artifact
@@ -119,23 +122,6 @@ def apply_recipe(
 WIDE_SPREAD = 0.25
 #: ... when the timing cap (``Target.max_seconds``) is at least this long.
 RETIME_FROM_S = 0.25
-#: Side-by-side rounds last about this long per artifact and batch size. The machine's speed
-#: moves in spells of a few hundred milliseconds that do not slow every model alike (a pruned
-#: lenet5 at batch 64 reads 0.29x or 0.36x of its input depending on the spell), so many short
-#: rounds sample more spells than a few long ones: with 0.3 s over 5 rounds the ratio read
-#: 0.23-0.37 in 8 runs; with 1 s over 25 rounds, 0.31-0.39.
-ROUND_S = 0.04
-#: ... and there are at least / at most this many of them.
-MIN_ROUNDS, MAX_ROUNDS = 5, 25
-
-
-def side_by_side_rounds(max_seconds: float) -> int:
-    """How many rounds a side-by-side timing capped at ``max_seconds`` (per artifact and batch) takes.
-
-    >>> side_by_side_rounds(1.0), side_by_side_rounds(0.3), side_by_side_rounds(0.05), side_by_side_rounds(10)
-    (25, 8, 5, 25)
-    """
-    return max(MIN_ROUNDS, min(MAX_ROUNDS, round(max_seconds / ROUND_S)))
 
 
 def time_side_by_side(baseline: dict[str, Any], result: dict[str, Any], baseline_onnx: Path, result_onnx: Path,

@@ -12,6 +12,7 @@ from torch import nn
 
 from .. import _console
 from ..data import DataBundle
+from ..models import model_fingerprint
 from ._recipe import Recipe, get_step
 
 __all__ = ["Context", "ExportTransform", "SpeedVerdict", "run_recipe"]
@@ -80,6 +81,17 @@ class Context:
     outputs: dict[str, Path] = field(default_factory=dict)
     verdicts: list[SpeedVerdict] = field(default_factory=list)
     not_met: list[str] = field(default_factory=list)
+    exports: dict[str, Path] = field(default_factory=dict)
+
+    def exported(self, model: nn.Module) -> Path | None:
+        """The ONNX file this recipe already exported of a model with these weights and structure."""
+        path = self.exports.get(model_fingerprint(model))
+        return path if path is not None and path.is_file() else None
+
+    def remember_export(self, model: nn.Module, path: Path) -> Path:
+        """Note that ``path`` is ``model`` exported (see :meth:`exported`); returns ``path``."""
+        self.exports[model_fingerprint(model)] = path
+        return path
 
     def train_hooks(self) -> list[Any]:
         return [*self.hooks, *self.epoch_callbacks]

@@ -199,7 +199,7 @@ def _layers_table(layers: list[dict[str, Any]]) -> str:
 
 def _trials_table(rows: list[dict[str, Any]], batch_sizes: Sequence[int]) -> str:
     headers = ["trial", "state", "within budget", "recipe", "val acc", "vs baseline (pts)"]
-    headers += [f"ms @{b}" for b in batch_sizes] + ["speed-up", "size KB", "params", "over budget", "INT8 faster",
+    headers += [f"ms @{b}" for b in batch_sizes] + ["speed-up", "size KB", "params", "over budget", "steps timed",
                                                     "seconds", "note"]
     body, classes = [], []
     for r in rows:
@@ -208,7 +208,7 @@ def _trials_table(rows: list[dict[str, Any]], batch_sizes: Sequence[int]) -> str
         cells += [_num(r.get(f"latency_ms@{b}")) for b in batch_sizes]
         cells += [_num(1 / r["latency_ratio"], "{:.2f}x") if r.get("latency_ratio") else "-", _num(r["size_kb"], "{:.1f}"),
                   fmt_count(r["params"]) if r.get("params") is not None else "-", _e(r["over_budget"]),
-                  _e(r["int8_faster"]), _num(r["seconds"], "{:.1f}"), _e(r["note"])]
+                  _e(r.get("step_speed", r.get("int8_faster", ""))), _num(r["seconds"], "{:.1f}"), _e(r["note"])]
         body.append(cells)
         classes.append("best" if r["best"] else "pareto" if r["pareto"] else
                        "stopped" if r["state"] == "stopped early" else "fail" if r["state"] == "fail" else "")
@@ -326,9 +326,9 @@ def render_report(report: dict[str, Any], rows: list[dict[str, Any]]) -> str:
             out.append(f"<p class=\"muted\">Chosen after timing the {len(conf['trials'])} fastest trials within budget "
                        f"again, side by side ({conf['rounds']} interleaved rounds, medians; speed-up vs baseline): "
                        f"{_e(timed)}.</p>")
-        if best.get("int8"):
-            notes = "; ".join(f"{r['step']}: INT8 {'faster' if r['faster'] else 'not faster'} than float here"
-                              for r in best["int8"])
+        if best.get("verdicts") or best.get("int8"):
+            notes = "; ".join(f"{r['step']}: {'faster' if r['faster'] else 'not faster'} than before it here"
+                              + ("" if r.get("applied", True) else ", so reverted") for r in best.get("verdicts") or best["int8"])
             out.append(f"<p class=\"muted\">{_e(notes)}</p>")
         recipe = (best.get("final") or {}).get("recipe") or best["recipe"]
         note = f" ({_e(best['final']['note'])})" if best.get("final") else ""

@@ -9,7 +9,7 @@ from typing import Any
 from .. import _console
 from ..pipeline import recipe_summary
 from ._space import GridTrial, draw_recipe
-from ._trial import EarlyStop, Session, TrialRecorder
+from ._trial import EarlyStop, Session, TrialRecorder, verdict_text
 
 __all__ = ["Objective"]
 
@@ -41,6 +41,5 @@ class Objective:
             res = rec.apply(recipe, s.model, hooks=[stop])
         judged = rec.result(res)
         _console.info("  " + rec.describe(judged) + f" ({time.perf_counter() - rec.t0:.1f}s)"
-                      + "".join(f"; {r['step']}: INT8 {'faster' if r['faster'] else '[yellow]not faster[/yellow]'}"
-                                for r in judged.int8))
+                      + "".join(f"; {verdict_text(r, markup=True)}" for r in judged.verdicts))
         return judged.values

@@ -27,11 +27,11 @@ from ..errors import NoFeasibleTrialError
 from ..measure import Target, profile
 from ..measure.timing import medians, side_by_side
 from ..models import load_model, save_model
-from ..pipeline import Recipe, recipe_summary, time_side_by_side
+from ..pipeline import SLOWER_MARGIN, Recipe, recipe_summary, time_side_by_side
 from ..report.html import render_report
 from ._record import RESULT_FILES, SearchRecord
 from ._study import redact
-from ._trial import Session, apply_trial, constraint_limits, constraint_values
+from ._trial import Session, apply_trial, constraint_limits, constraint_values, trial_verdicts, verdict_text
 
 __all__ = ["write_results", "trial_rows", "pick_best", "baseline_test", "RESULT_FILES"]
 
@@ -90,7 +90,7 @@ def trial_rows(trials: list[Any], cfg: SearchRecord, pareto: set[int], best: int
             "nonzero_params": fig.get("nonzero_params"),
             "macs": fig.get("macs"),
             "over_budget": "; ".join(f"{k} by {v:.4g}" for k, v in (a.get("violations") or {}).items()),
-            "int8_faster": "; ".join(f"{r['step']}: {'yes' if r['faster'] else 'no'}" for r in a.get("int8", [])),
+            "step_speed": "; ".join(verdict_text(r) for r in trial_verdicts(a)),
             "seconds": a.get("seconds"),
             "val_curve": " ".join(f"{v:.4f}" for v in a.get("val_curve", [])),
             "note": note,
@@ -272,7 +272,7 @@ def write_results(study: Any, session: Session, *, storage: str, out: Path,
         result=result,
         best={"trial": best_t.number, "recipe": best_t.user_attrs["recipe"], "params": best_t.params,
               "search": best_t.user_attrs["figures"], "steps": best_t.user_attrs.get("steps"),
-              "int8": best_t.user_attrs.get("int8"), **({"rebuilt": rebuilt} if rebuilt else {}),
+              "verdicts": trial_verdicts(best_t.user_attrs) or None, **({"rebuilt": rebuilt} if rebuilt else {}),
               **({"confirmed": confirmed} if confirmed else {}),
               **({"final": {"recipe": done["recipe"], "note": done["note"]}} if done else {})},
         pareto=pareto_rows,
@@ -302,11 +302,6 @@ def _headline(baseline: dict[str, Any], result: dict[str, Any], session: Session
     rounds = max(t["rounds"] for t in result["latency_ms"].values())
     return {"how": f"baseline.onnx and best.onnx timed side by side in {rounds} interleaved rounds (medians)",
             "latency_ms": ms, "speedup": {b: ms["baseline"][b] / ms["best"][b] for b in ms["best"] if ms["best"][b] > 0}}
-
-
-#: The best counts as slower than the input at a batch size only when its speed-up is below
-#: ``1 - max(SLOWER_MARGIN, the spread over rounds of either timing)``.
-SLOWER_MARGIN = 0.05
 
 
 def _return_baseline(report: dict[str, Any], best_t: Any, headline: dict[str, Any], session: Session,

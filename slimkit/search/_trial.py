@@ -44,7 +44,7 @@ from ._record import SearchRecord
 from ._study import validation_subset
 
 __all__ = ["Session", "TrialRecorder", "Judged", "EarlyStop", "figures_of", "constraint_values", "constraint_limits",
-           "measure_baseline", "apply_trial", "describe_figures", "speed_verdicts"]
+           "measure_baseline", "apply_trial", "describe_figures", "speed_verdicts", "verdict_text", "trial_verdicts"]
 
 
 def _plain(x: Any) -> Any:
@@ -143,8 +143,24 @@ def measure_baseline(model: nn.Module, data: DataBundle, record: SearchRecord, w
     return {"val": val, "test_accuracy": test["accuracy"]}
 
 
+def verdict_text(verdict: dict[str, Any], *, markup: bool = False) -> str:
+    """One step's speed verdict in words.
+
+    >>> verdict_text({"step": "decompose", "faster": False, "applied": False})
+    'decompose: not faster, reverted'
+    """
+    slow = "[yellow]not faster[/yellow]" if markup else "not faster"
+    said = "faster" if verdict["faster"] else slow
+    return f"{verdict['step']}: {said}" + ("" if verdict.get("applied", True) else ", reverted")
+
+
+def trial_verdicts(attrs: dict[str, Any]) -> list[dict[str, Any]]:
+    """A trial's speed verdicts from its attributes (``int8`` in studies written before 0.2)."""
+    return list(attrs.get("verdicts") or attrs.get("int8") or [])
+
+
 def speed_verdicts(res: ApplyResult, steps: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The speed verdicts of the steps that time their artifact (``int8`` in a trial's attributes).
+    """The speed verdicts of the steps that time their artifact (``verdicts`` in a trial's attributes).
 
     From :attr:`ApplyResult.verdicts`; a step registered with ``reports_speed`` that appended
     none is read from its report's ``faster`` key.
@@ -241,7 +257,7 @@ class Judged:
     constraints: dict[str, float]
     feasible: bool
     steps: list[dict[str, Any]]
-    int8: list[dict[str, Any]]
+    verdicts: list[dict[str, Any]]
 
     @property
     def values(self) -> tuple[float, float, float]:
@@ -341,11 +357,11 @@ class TrialRecorder:
         trial.set_user_attr("steps", _plain(steps))
         trial.set_user_attr("parity", _plain(res.report.get("parity")))
         trial.set_user_attr("artifacts", str(self.dir.resolve()))
-        int8 = speed_verdicts(res, steps)
-        if int8:
-            trial.set_user_attr("int8", _plain(int8))
+        verdicts = speed_verdicts(res, steps)
+        if verdicts:
+            trial.set_user_attr("verdicts", _plain(verdicts))
         trial.set_user_attr("seconds", self.seconds())
-        return Judged(fig, cons, feasible, steps, int8)
+        return Judged(fig, cons, feasible, steps, verdicts)
 
     def describe(self, judged: Judged) -> str:
         """The one line a finished trial prints: its figures, whether within budget, its speed verdicts."""
