@@ -133,7 +133,7 @@ class DynamicInt8(_KeepFloat):
     """Dynamic INT8: weights stored in 8 bits, activations quantized batch by batch at run time.
 
     On ``ort-cpu`` (step ``quantize_dynamic``) ONNX Runtime's dynamic quantization of ``ops``:
-    ``linear`` (MatMul/Gemm: DynamicQuantizeMatMul kernels) or ``all`` (convolutions too, as
+    ``linear`` (MatMul/Gemm: DynamicQuantizeMatMul kernels; LSTM: DynamicQuantizeLSTM) or ``all`` (convolutions too, as
     ConvInteger, which is slow on CPU). On ``torch-cpu`` (step ``quantize_dynamic_torch``) each
     ``nn.Linear`` becomes an :class:`Int8DynamicLinear` running PyTorch's x86 int8 kernel.
     ``weight_type``: ``int8`` or ``uint8`` (ORT only); ``per_channel`` scales; ``reduce_range``

@@ -30,8 +30,8 @@ __all__ = ["candidate_layers", "rank_static", "rank_isolated", "smallest_passing
 # The compute operators each INT8 mode quantizes: the layers a fallback may leave in float.
 QUANTIZED_OPS = {
     "static": frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"}),
-    "dynamic-linear": frozenset({"Gemm", "MatMul"}),
-    "dynamic-all": frozenset({"Conv", "Gemm", "MatMul"}),
+    "dynamic-linear": frozenset({"Gemm", "MatMul", "LSTM"}),
+    "dynamic-all": frozenset({"Conv", "Gemm", "MatMul", "LSTM"}),
 }
 
 
