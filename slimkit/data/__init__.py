@@ -4,11 +4,17 @@ A data spec names where the examples come from:
 
 - ``digits``: the 8x8 digits that ship with scikit-learn (the embedded default);
 - ``idx:DIR``: MNIST / Fashion-MNIST IDX files, gzipped or not;
-- ``npz:FILE``: a NumPy archive with arrays ``x`` and ``y`` (optionally ``x_test``/``y_test``);
+- ``npz:FILE``: a NumPy archive with arrays ``x`` and ``y`` (optionally ``x_test``/``y_test``,
+  ``x_val``/``y_val``, and ``attention_mask`` / ``attention_mask_test`` / ``attention_mask_val``
+  for token ids);
 - ``package.module:function``: user code returning ``(x, y)`` or a dict like the npz archive.
 
-Every source becomes a :class:`DataBundle` of float32 tensors split into train, validation
-and test by a seed, so the same seed gives the same split everywhere.
+Every source becomes a :class:`DataBundle` split into train, validation and test by a seed, so
+the same seed gives the same split everywhere. Examples are float32 (images, features; ``uint8``
+pixels are scaled to [0, 1]), except token ids: a 2-D integer array ``x`` of shape ``(N, T)``
+(int16/32/64, uint16/32) stays integer (int64), its vocabulary the largest id + 1. An optional
+``attention_mask`` of the same shape (1 = token, 0 = padding) names the padding id
+(:attr:`DataBundle.pad_id`): every padded position must hold that one id, and no real token may.
 
 >>> data = load_data("digits", seed=0)
 >>> data.input_shape, data.num_classes
@@ -42,7 +48,9 @@ SPLITS = ("train", "val", "test")
 class DataBundle:
     """Examples split three ways, ready for training and measurement.
 
-    ``x_*`` are float32 tensors of shape ``(N, *input_shape)``; ``y_*`` int64 labels.
+    ``x_*`` are float32 tensors of shape ``(N, *input_shape)``, or int64 token ids of shape
+    ``(N, T)``; ``y_*`` int64 labels. ``pad_id``: the token id that marks padding, when the data
+    says (an ``attention_mask``), else ``None``.
     """
 
     name: str
@@ -55,10 +63,28 @@ class DataBundle:
     num_classes: int
     seed: int = 0
     meta: dict[str, Any] = field(default_factory=dict)
+    pad_id: int | None = None
 
     @property
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.x_train.shape[1:])
+
+    @property
+    def input_dtype(self) -> torch.dtype:
+        """The dtype of the examples: ``torch.float32``, or ``torch.int64`` for token ids."""
+        return self.x_train.dtype
+
+    @property
+    def is_tokens(self) -> bool:
+        """Whether the examples are integer token ids (``(N, T)`` int64)."""
+        return not self.x_train.dtype.is_floating_point
+
+    @property
+    def vocab_size(self) -> int | None:
+        """For token ids, the largest id in any split + 1 (what an embedding must hold); else ``None``."""
+        if not self.is_tokens:
+            return None
+        return 1 + max((int(x.max()) for x in (self.x_train, self.x_val, self.x_test) if x.numel()), default=0)
 
     def split(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         if name not in SPLITS:
@@ -84,9 +110,10 @@ class DataBundle:
 
     def describe(self) -> str:
         s = self.sizes()
+        kind = f" token ids (vocabulary {self.vocab_size})" if self.is_tokens else ""
         return (
             f"{self.name}: {s['train']} train / {s['val']} val / {s['test']} test, "
-            f"input {tuple(self.input_shape)}, {self.num_classes} classes"
+            f"input {tuple(self.input_shape)}{kind}, {self.num_classes} classes"
         )
 
 
@@ -125,6 +152,25 @@ def load_data(spec: str = "digits", *, seed: int = 0) -> DataBundle:
 # --------------------------------------------------------------------------- building
 
 
+_TOKEN_DTYPES = (np.int16, np.int32, np.int64, np.uint16, np.uint32)
+
+
+def _is_tokens(x: np.ndarray) -> bool:
+    """Token ids: a 2-D integer array ``(N, T)``; ``uint8`` stays pixels, other ranks stay images."""
+    return x.ndim == 2 and x.dtype.type in _TOKEN_DTYPES
+
+
+def _token_ids(x: np.ndarray, where: str) -> np.ndarray:
+    if len(x) and x.min() < 0:
+        raise SlimkitError(
+            f"{where}: x holds integer token ids (N, T), but id {int(x.min())} is negative; token ids must be "
+            "0..vocabulary-1. Store float features as a float array instead."
+        )
+    if x.shape[1] == 0:
+        raise SlimkitError(f"{where}: x holds token ids of shape {x.shape}: each example needs at least one token.")
+    return x.astype(np.int64)
+
+
 def _to_float(x: np.ndarray, where: str) -> np.ndarray:
     if x.dtype == np.uint8:
         return x.astype(np.float32) / 255.0
@@ -134,6 +180,43 @@ def _to_float(x: np.ndarray, where: str) -> np.ndarray:
     if not np.isfinite(x).all():
         raise SlimkitError(f"{where}: x holds NaN or infinite values; clean the data first.")
     return x
+
+
+def _examples(x: np.ndarray, where: str) -> np.ndarray:
+    """Token ids as int64 ``(N, T)``, anything else as float32 features or images."""
+    if _is_tokens(x):
+        return _token_ids(x, where)
+    return _shape_images(_to_float(x, where), where)
+
+
+def _pad_id(x: np.ndarray, mask: Any, where: str) -> int | None:
+    """The one id at the positions ``mask`` (an ``attention_mask``, 1 = token, 0 = padding) marks as
+    padding; ``None`` when nothing is padded."""
+    what = "attention_mask"
+    if not _is_tokens(x):
+        raise SlimkitError(f"{where}: an {what} goes with integer token ids x of shape (N, T); x has dtype "
+                           f"{x.dtype} and shape {x.shape}. Drop the {what} or store x as integer ids.")
+    mask = np.asarray(mask)
+    if mask.shape != x.shape:
+        raise SlimkitError(f"{where}: {what} has shape {mask.shape}, but x has {x.shape}; give one 0/1 flag per token.")
+    if mask.dtype.kind not in "biuf" or not np.isin(mask, (0, 1)).all():  # bool, int, uint or float flags
+        raise SlimkitError(f"{where}: {what} must hold only 0 (padding) and 1 (token).")
+    padded = mask == 0
+    if not padded.any():
+        return None
+    ids = np.unique(x[padded])
+    if len(ids) != 1:
+        raise SlimkitError(
+            f"{where}: the padded positions ({what} 0) hold {len(ids)} different ids ({', '.join(map(str, ids[:5]))}"
+            f"{', ...' if len(ids) > 5 else ''}); pad every sequence with one id (the tokenizer's pad id)."
+        )
+    pad = int(ids[0])
+    if (x[~padded] == pad).any():
+        raise SlimkitError(
+            f"{where}: id {pad} marks padding ({what} 0) but also appears at {int((x[~padded] == pad).sum())} "
+            "real token positions (attention_mask 1); the pad id must be used for padding only."
+        )
+    return pad
 
 
 def _shape_images(x: np.ndarray, where: str) -> np.ndarray:
@@ -190,46 +273,71 @@ def build_bundle(
     y_val: np.ndarray | None = None,
     val_fraction: float = 0.1,
     test_fraction: float = 0.2,
+    masks: dict[str, Any] | None = None,
 ) -> DataBundle:
-    """Validate arrays and split them into a :class:`DataBundle` (deterministic by seed)."""
-    x = _shape_images(_to_float(np.asarray(x), name), name)
+    """Validate arrays and split them into a :class:`DataBundle` (deterministic by seed).
+
+    ``masks``: attention masks of the token ids, keyed ``"x"``, ``"x_test"``, ``"x_val"`` like the
+    arrays they go with; they name the padding id (:attr:`DataBundle.pad_id`).
+    """
+    masks = {k: v for k, v in (masks or {}).items() if v is not None}
+    pads: set[int] = set()
+    raw = {"x": x, "x_test": x_test, "x_val": x_val}
+    for key, mask in masks.items():
+        if raw.get(key) is None:
+            raise SlimkitError(f"{name}: an attention mask for '{key}' was given, but no array '{key}'.")
+        pad = _pad_id(np.asarray(raw[key]), mask, f"{name} ({key})")
+        if pad is not None:
+            pads.add(pad)
+    if len(pads) > 1:
+        raise SlimkitError(f"{name}: the splits pad with different ids {sorted(pads)}; use one pad id throughout.")
+    x = _examples(np.asarray(x), name)
     y = _labels(y, len(x), name)
     if len(x) < 10:
         raise SlimkitError(f"{name}: only {len(x)} examples; at least 10 are needed to split train/val/test.")
     if x_test is not None:
         if y_test is None:
             raise SlimkitError(f"{name}: x_test given without y_test.")
-        x_test = _shape_images(_to_float(np.asarray(x_test), name + " (x_test)"), name)
+        x_test = _examples(np.asarray(x_test), name + " (x_test)")
         y_test = _labels(y_test, len(x_test), name + " (y_test)")
         if not len(x_test):
             raise SlimkitError(f"{name}: x_test holds no examples.")
-        if x_test.shape[1:] != x.shape[1:]:
-            raise SlimkitError(f"{name}: x_test examples have shape {x_test.shape[1:]}, x has {x.shape[1:]}.")
+        _same_kind(name, "x_test", x_test, x)
     else:
         keep, held = _stratified_split(y, test_fraction, seed)
         x, y, x_test, y_test = x[keep], y[keep], x[held], y[held]
     if x_val is not None:
         if y_val is None:
             raise SlimkitError(f"{name}: x_val given without y_val.")
-        x_val = _shape_images(_to_float(np.asarray(x_val), name + " (x_val)"), name)
+        x_val = _examples(np.asarray(x_val), name + " (x_val)")
         y_val = _labels(y_val, len(x_val), name + " (y_val)")
         if not len(x_val):
             raise SlimkitError(f"{name}: x_val holds no examples.")
-        if x_val.shape[1:] != x.shape[1:]:
-            raise SlimkitError(f"{name}: x_val examples have shape {x_val.shape[1:]}, x has {x.shape[1:]}.")
+        _same_kind(name, "x_val", x_val, x)
     else:
         keep, held = _stratified_split(y, val_fraction, seed + 1)
         x, y, x_val, y_val = x[keep], y[keep], x[held], y[held]
     num_classes = int(max(y.max(), y_test.max(), y_val.max())) + 1
-    t = lambda a, dt=torch.float32: torch.from_numpy(np.ascontiguousarray(a)).to(dt)  # noqa: E731
+    t = lambda a: torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731  (int64 ids, float32 examples, int64 labels)
     return DataBundle(
         name=name,
-        x_train=t(x), y_train=t(y, torch.int64),
-        x_val=t(x_val), y_val=t(y_val, torch.int64),
-        x_test=t(x_test), y_test=t(y_test, torch.int64),
+        x_train=t(x), y_train=t(y),
+        x_val=t(x_val), y_val=t(y_val),
+        x_test=t(x_test), y_test=t(y_test),
         num_classes=num_classes,
         seed=seed,
+        pad_id=pads.pop() if pads else None,
     )
+
+
+def _same_kind(name: str, key: str, a: np.ndarray, x: np.ndarray) -> None:
+    """``a`` (x_test or x_val) holds examples like ``x``: same shape per example, ids or floats alike."""
+    if (a.dtype == np.int64) != (x.dtype == np.int64):
+        kinds = {True: "integer token ids", False: "float examples"}
+        raise SlimkitError(f"{name}: {key} holds {kinds[a.dtype == np.int64]} but x holds {kinds[x.dtype == np.int64]}; "
+                           "store both with the same dtype.")
+    if a.shape[1:] != x.shape[1:]:
+        raise SlimkitError(f"{name}: {key} examples have shape {a.shape[1:]}, x has {x.shape[1:]}.")
 
 
 # --------------------------------------------------------------------------- sources
@@ -339,10 +447,12 @@ def _npz(arg: str, seed: int) -> DataBundle:
 def _bundle_from_arrays(name: str, arrays: dict[str, Any], seed: int) -> DataBundle:
     if "x" not in arrays or "y" not in arrays:
         raise SlimkitError(f"{name}: expected arrays named 'x' and 'y', found {sorted(arrays) or 'none'}.")
+    masks = {"x": arrays.get("attention_mask"), "x_test": arrays.get("attention_mask_test"),
+             "x_val": arrays.get("attention_mask_val")}
     return build_bundle(
         name, arrays["x"], arrays["y"], seed=seed,
         x_test=arrays.get("x_test"), y_test=arrays.get("y_test"),
-        x_val=arrays.get("x_val"), y_val=arrays.get("y_val"),
+        x_val=arrays.get("x_val"), y_val=arrays.get("y_val"), masks=masks,
     )
 
 

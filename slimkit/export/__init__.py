@@ -6,6 +6,10 @@
 >>> parity(model, path, torch.rand(64, 1, 8, 8))["top1_agreement"]
 1.0
 
+Integer token ids ``(N, T)`` export as they are (an int64 input) with a dynamic sequence axis
+besides the batch axis; the example's own shape is recorded in the file (metadata
+``slimkit.input_shape``), so figures counted on the graph (MACs) are those of the example's length.
+
 Before export, batch norms that directly follow a convolution or linear layer are folded
 into it (:func:`fold_batchnorm`), as any deployment would do; the folded copy is also what
 ``torch-cpu`` measures, so parameter counts agree between the two targets.
@@ -16,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import json
 import logging
 import re
 import warnings
@@ -31,7 +36,11 @@ from .. import _io
 from ..errors import ExportError
 from ..models import record_structure, register_structure_op, set_module
 
-__all__ = ["export_onnx", "export_layer_onnx", "fold_batchnorm", "fold_batchnorm_", "batchnorm_pairs", "parity", "ort_session"]
+__all__ = ["export_onnx", "export_layer_onnx", "fold_batchnorm", "fold_batchnorm_", "batchnorm_pairs", "parity", "ort_session",
+           "ort_feed", "ort_input_dtype", "INPUT_SHAPE_KEY"]
+
+#: ONNX metadata key holding the shape of one example the artifact was exported with (a JSON list).
+INPUT_SHAPE_KEY = "slimkit.input_shape"
 
 _CONV_OPS = {"aten.conv1d.default", "aten.conv2d.default", "aten.conv3d.default", "aten.linear.default"}
 _BN_OPS = {"aten.batch_norm.default", "aten._native_batch_norm_legit_no_training.default"}
@@ -185,8 +194,10 @@ def export_onnx(
 ) -> Path:
     """Export ``model`` to one ONNX file at ``path`` with a dynamic batch dimension.
 
-    The file is written atomically. If export fails, :class:`ExportError` names the module
-    and the operator that failed.
+    The input takes ``example``'s dtype: float32, or int64 for token ids ``(N, T)``, whose
+    sequence axis is marked dynamic too (``torch.export.Dim.AUTO``: where the model's code fixes
+    the length, the graph keeps it, and another length fails when run). The file is written atomically. If export fails, :class:`ExportError` names
+    the module and the operator that failed.
     """
     path = Path(path)
     if example.shape[0] < 2:  # batch 1 would be specialised into the graph
@@ -195,19 +206,35 @@ def export_onnx(
     kwargs: dict[str, Any] = {}
     if opset is not None:
         kwargs["opset_version"] = opset
+    dims: dict[int, Any] = {0: torch.export.Dim("batch")}
+    if example.dim() == 2 and not example.dtype.is_floating_point:  # token ids (N, T)
+        dims[1] = torch.export.Dim.AUTO  # dynamic where the model allows it, else the example's length
 
     def write(tmp: Path) -> None:
         with _quiet_exporter():
             torch.onnx.export(
                 m, (example,), str(tmp), dynamo=True, external_data=False,
-                dynamic_shapes=({0: torch.export.Dim("batch")},),
-                input_names=["input"], output_names=["logits"], **kwargs,
+                dynamic_shapes=(dims,), input_names=["input"], output_names=["logits"], **kwargs,
             )
+        _record_input_shape(tmp, example)
 
     try:
         return _io.atomic_write(path, write)
     except Exception as e:  # the exporter raises many kinds; explain which module failed
         raise _explain_failure(m, example, e) from None
+
+
+def _record_input_shape(path: Path, example: torch.Tensor) -> None:
+    """Write the shape of one example into the file's metadata, where a symbolic axis needs a value."""
+    import onnx
+
+    model = onnx.load(str(path))
+    graph_input = model.graph.input[0].type.tensor_type.shape.dim
+    if all(d.dim_value for d in list(graph_input)[1:]):
+        return  # every axis but the batch is fixed: the graph says it all
+    entry = next((p for p in model.metadata_props if p.key == INPUT_SHAPE_KEY), None) or model.metadata_props.add()
+    entry.key, entry.value = INPUT_SHAPE_KEY, json.dumps([int(d) for d in example.shape[1:]])
+    onnx.save(model, str(path))
 
 
 def export_layer_onnx(layer: nn.Module, path: str | Path, example: torch.Tensor) -> Path:
@@ -348,16 +375,48 @@ def ort_session(path: str | Path, threads: int = 1, *, profile_dir: str | Path |
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
+_ORT_DTYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
+               "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int16)": np.int16,
+               "tensor(int8)": np.int8, "tensor(uint8)": np.uint8}
+
+
+def ort_input_dtype(session: Any) -> np.dtype:
+    """The NumPy dtype of ``session``'s first input (float32 for a float model, int64 for token ids)."""
+    inp = session.get_inputs()[0]
+    if inp.type not in _ORT_DTYPES:
+        raise ExportError(f"the ONNX model's input '{inp.name}' has type {inp.type}, which slimkit cannot feed.")
+    return np.dtype(_ORT_DTYPES[inp.type])
+
+
+def ort_feed(session: Any, x: torch.Tensor | np.ndarray) -> dict[str, np.ndarray]:
+    """The feed of ``session``'s first input for the batch ``x``, in the dtype the input declares.
+
+    A float batch for a float input, or integer ids for an integer input, is converted (float64 ->
+    float32, int32 -> int64); integer ids for a float input, or floats for an integer one, raise
+    :class:`ExportError` saying which the model takes and which the data holds.
+    """
+    inp = session.get_inputs()[0]
+    arr = x.numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+    want = ort_input_dtype(session)
+    if np.issubdtype(want, np.integer) != np.issubdtype(arr.dtype, np.integer):
+        takes = "integer token ids" if np.issubdtype(want, np.integer) else "float examples"
+        holds = "integer token ids" if np.issubdtype(arr.dtype, np.integer) else "float examples"
+        raise ExportError(
+            f"the ONNX model takes {takes} ({inp.type} input '{inp.name}') but the data holds {holds} "
+            f"({arr.dtype}); give the data the model was made for, or export the model for this data."
+        )
+    return {inp.name: np.ascontiguousarray(arr, dtype=want)}
+
+
 def ort_predict(session, x: torch.Tensor | np.ndarray, batch: int = 512) -> np.ndarray:
-    name = session.get_inputs()[0].name
     arr = x.numpy() if isinstance(x, torch.Tensor) else x
-    outs = [session.run(None, {name: np.ascontiguousarray(arr[i : i + batch], dtype=np.float32)})[0]
-            for i in range(0, len(arr), batch)]
+    outs = [session.run(None, ort_feed(session, arr[i : i + batch]))[0] for i in range(0, len(arr), batch)]
     return np.concatenate(outs) if outs else np.zeros((0, 0), np.float32)
 
 
 def parity(model: nn.Module | str | Path, onnx_path: str | Path, x: torch.Tensor, *, threads: int = 1) -> dict[str, Any]:
-    """Compare the torch model (or another ONNX artifact) and the ONNX artifact on real inputs ``x``.
+    """Compare the torch model (or another ONNX artifact) and the ONNX artifact on real inputs ``x``
+    (float examples, or int64 token ids).
 
     Returns ``max_abs_diff`` of the logits, ``top1_agreement`` (fraction of examples whose
     predicted class agrees) and the number of ``samples``.

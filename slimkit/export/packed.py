@@ -263,8 +263,9 @@ class CodedTensor:
 
 def _model_meta(model: nn.Module) -> dict[str, Any]:
     origin = origin_of(model)
+    tokens: dict[str, Any] = {k: origin[k] for k in ("vocab", "pad", "input_dtype") if k in origin}  # token ids
     return {"model": origin.get("model"), "input_shape": origin.get("input_shape"),
-            "num_classes": origin.get("num_classes"), "structure": structure_of(model)}
+            "num_classes": origin.get("num_classes"), **tokens, "structure": structure_of(model)}
 
 
 def _raw_record(t: torch.Tensor) -> tuple[bytes, dict[str, Any]]:
@@ -440,7 +441,7 @@ def load_packed(path: str | Path, *, trust_pickle: bool = False) -> nn.Module:
     if not isinstance(spec, str) or not spec or not meta.get("input_shape") or not meta.get("num_classes"):
         raise SlimkitError(f"{path} does not say which architecture it holds (no model spec); it cannot be rebuilt.")
     model = build_model(spec, input_shape=tuple(meta["input_shape"]), num_classes=int(meta["num_classes"]),
-                        trust_pickle=trust_pickle)
+                        trust_pickle=trust_pickle, vocab=meta.get("vocab"), pad=meta.get("pad"))
     if meta.get("structure"):
         _replay(model, meta["structure"], str(path))
     apply_weights(model, state, str(path), spec)

@@ -31,6 +31,7 @@ from .. import _io
 from ..data import DataBundle
 from ..errors import SlimkitError
 from ..export import export_onnx, fold_batchnorm
+from ..models import input_dtype_of
 from .backends import default_threads, get_backend, target_names, time_runs, torch_threads
 
 __all__ = [
@@ -139,11 +140,12 @@ def _analytic_hook(counts: dict[str, int], name: str) -> Any:
     return hook
 
 
-def layer_macs(model: nn.Module, input_shape: Sequence[int]) -> dict[str, int]:
+def layer_macs(model: nn.Module, input_shape: Sequence[int], *, dtype: torch.dtype | None = None) -> dict[str, int]:
     """Multiply-accumulates per module (fully qualified name) for one example, via FlopCounterMode.
 
     Recurrent layers and multi-head attention are counted by their shapes (:func:`rnn_macs`,
-    :func:`attention_macs`), their containers included.
+    :func:`attention_macs`), their containers included. The example is zeros of ``dtype``
+    (default: what the model takes, int64 for a model over token ids, else float32).
     """
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -159,7 +161,7 @@ def layer_macs(model: nn.Module, input_shape: Sequence[int]) -> dict[str, int]:
     torch.backends.mha.set_fastpath_enabled(False)  # encoder layers call their attention module
     try:
         with counter, torch.no_grad():
-            model(torch.zeros((1, *input_shape)))
+            model(torch.zeros((1, *input_shape), dtype=dtype or input_dtype_of(model)))
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
         for h in handles:
@@ -183,14 +185,20 @@ def layer_macs(model: nn.Module, input_shape: Sequence[int]) -> dict[str, int]:
     return out
 
 
-def count_macs(model: nn.Module, input_shape: Sequence[int]) -> int:
-    """Multiply-accumulates of conv / linear / matmul ops, recurrent layers and attention for one example.
+def count_macs(model: nn.Module, input_shape: Sequence[int], *, dtype: torch.dtype | None = None) -> int:
+    """Multiply-accumulates of conv / linear / matmul ops, recurrent layers and attention for one example
+    (zeros of ``dtype``, see :func:`layer_macs`).
 
     >>> from slimkit.models import create_model
     >>> count_macs(create_model("lstm", input_shape=(1, 8, 8), num_classes=10, hidden=64), (1, 8, 8))
     148096
+    >>> # one encoder layer over 16 token ids, dim 32: attention 4*16*32^2 + 2*16^2*32, feed-forward
+    >>> # 2*16*32*128, classifier 32*2 (an embedding is a lookup: no MACs)
+    >>> count_macs(create_model("transformer", input_shape=(16,), num_classes=2, vocab=32, dim=32, heads=2,
+    ...                         layers=1), (16,), dtype=torch.int64)
+    213056
     """
-    return int(layer_macs(model, input_shape).get("", 0))
+    return int(layer_macs(model, input_shape, dtype=dtype).get("", 0))
 
 
 def artifact_bytes(path: str | Path) -> int:
@@ -227,7 +235,7 @@ def accuracy(model_or_runner: Any, x: torch.Tensor, y: torch.Tensor, *, threads:
 
 
 def _example_batch(data: DataBundle, batch: int) -> np.ndarray:
-    return np.ascontiguousarray(data.example(batch).numpy(), dtype=np.float32)
+    return np.ascontiguousarray(data.example(batch).numpy())  # float32 examples, or int64 token ids
 
 
 def latency(runner: Any, data: DataBundle, batch_sizes: Sequence[int], *, max_seconds: float = 2.0) -> dict[str, dict[str, float]]:
@@ -351,10 +359,10 @@ def _profile(
             from safetensors.torch import save
 
             state = {k: v.detach().contiguous().clone() for k, v in deploy.state_dict().items()}
-            result.update(**count_params(deploy), macs=count_macs(deploy, data.input_shape),
+            result.update(**count_params(deploy), macs=count_macs(deploy, data.input_shape, dtype=data.input_dtype),
                           artifact_bytes=len(save(state)))
             runner = backend.prepare(deploy, None, threads)
-            static_layers = _torch_layers(deploy, data.input_shape)
+            static_layers = _torch_layers(deploy, data.input_shape, data.input_dtype)
         try:
             x, y = data.split(split)
             result["accuracy"] = accuracy(runner, x, y)
@@ -371,10 +379,10 @@ def _profile(
                                    "artifact_bytes", "accuracy", "latency_ms", "layers")}
 
 
-def _torch_layers(model: nn.Module, input_shape: Sequence[int]) -> dict[str, dict[str, Any]]:
+def _torch_layers(model: nn.Module, input_shape: Sequence[int], dtype: torch.dtype) -> dict[str, dict[str, Any]]:
     """One row per leaf module and per module with parameters of its own (``nn.MultiheadAttention``'s
     input projections), with the MACs of its own computation (its children's left to their rows)."""
-    macs = layer_macs(model, input_shape)
+    macs = layer_macs(model, input_shape, dtype=dtype)
     out: dict[str, dict[str, Any]] = {}
     for name, mod in model.named_modules():
         children = [f"{name}.{c}" for c, _ in mod.named_children()]

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import ast
+import json
 import math
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from ..export import INPUT_SHAPE_KEY
 
 _QUANT_META_POSITIONS = {  # inputs that are scales / zero points, not weights
     "QuantizeLinear": {1, 2},
@@ -80,15 +83,28 @@ def _class_of_node(node: Any) -> str | None:
 
 
 def _shapes(model: Any) -> dict[str, list[int]]:
-    """Tensor shapes at batch size 1 (symbolic dims counted as 1)."""
+    """Tensor shapes at batch size 1: a symbolic axis of the input past the batch (a token sequence)
+    takes the exported example's size, recorded in the metadata (``slimkit.input_shape``); other
+    symbolic dims count as 1."""
     onnx = _onnx()
     m = onnx.ModelProto()
     m.CopyFrom(model)
+    recorded = next((p.value for p in m.metadata_props if p.key == INPUT_SHAPE_KEY), None)
+    example: list[int] = []
+    if recorded:
+        try:
+            example = [int(v) for v in json.loads(recorded)]
+        except (ValueError, TypeError):
+            example = []
     for inp in m.graph.input:
         dims = inp.type.tensor_type.shape.dim
         if dims and not dims[0].dim_value:
             dims[0].ClearField("dim_param")
             dims[0].dim_value = 1
+        for i, d in enumerate(list(dims)[1:]):
+            if not d.dim_value and i < len(example) and len(example) == len(dims) - 1:
+                d.ClearField("dim_param")
+                d.dim_value = example[i]
     try:
         m = onnx.shape_inference.infer_shapes(m, data_prop=True)
     except Exception:

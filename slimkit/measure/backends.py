@@ -3,7 +3,8 @@
 A backend turns an artifact into a :class:`Runner`:
 
 - ``prepare(model, onnx_path, threads) -> Runner``;
-- ``runner(x: np.ndarray) -> np.ndarray`` returns logits for a float32 batch;
+- ``runner(x: np.ndarray) -> np.ndarray`` returns logits for a batch of examples (float32, or
+  int64 token ids ``(N, T)``);
 - ``runner.layer_times(x, repeats) -> {module name: seconds}`` times each layer on the target;
 - ``runner.close()`` frees it.
 
@@ -29,7 +30,7 @@ import torch
 from torch import nn
 
 from ..errors import SlimkitError
-from ..export import ort_session
+from ..export import ort_feed, ort_input_dtype, ort_session
 from ._graph import module_of_node
 
 __all__ = ["Runner", "Backend", "get_backend", "register_backend", "target_names", "default_threads", "torch_threads"]
@@ -143,9 +144,14 @@ class _OrtRunner:
         self.threads = threads
         self.session = ort_session(self.path, threads)
         self.input = self.session.get_inputs()[0].name
+        self.dtype = ort_input_dtype(self.session)
+
+    def _feed(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        # the input's own dtype goes straight in (timed calls); anything else is converted or explained
+        return {self.input: x} if x.dtype == self.dtype else ort_feed(self.session, x)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input: x})[0]
+        return self.session.run(None, self._feed(x))[0]
 
     def layer_times(self, x: np.ndarray, repeats: int) -> dict[str, float]:
         """ONNX Runtime's own profiler, each kernel attributed to the torch module it came from."""
@@ -154,9 +160,10 @@ class _OrtRunner:
         with tempfile.TemporaryDirectory() as tmp:
             opt_path = Path(tmp) / "optimized.onnx"
             sess = ort_session(self.path, self.threads, profile_dir=tmp, optimized_path=str(opt_path))
-            sess.run(None, {self.input: x})  # warm-up (also profiled; dropped below)
+            feed = self._feed(x)
+            sess.run(None, feed)  # warm-up (also profiled; dropped below)
             for _ in range(repeats):
-                sess.run(None, {self.input: x})
+                sess.run(None, feed)
             trace = Path(sess.end_profiling())
             try:
                 events = json.loads(trace.read_text())

@@ -4,7 +4,7 @@ A model spec is one of:
 
 - ``zoo:NAME`` or ``zoo:NAME,key=value,...`` (e.g. ``zoo:resnet,width=0.5``): the built-in zoo;
 - ``package.module:function``: your code, called with ``input_shape=`` and ``num_classes=``
-  when it accepts them, returning an ``nn.Module``;
+  (and, for token ids, ``vocab=`` and ``pad=``) when it accepts them, returning an ``nn.Module``;
 - ``FILE.pt`` with ``trust_pickle=True``: a fully pickled module. Unpickling runs arbitrary
   code, so it is refused without the flag;
 - ``FILE.slim``: a Deep Compression packed model (it records its own architecture).
@@ -59,6 +59,7 @@ __all__ = [
     "origin_of",
     "set_origin",
     "check_fits",
+    "input_dtype_of",
     "resolve_model",
     "ModelRef",
     "set_module",
@@ -130,14 +131,24 @@ def structure_of(model: nn.Module) -> list[dict[str, Any]]:
     return list(model.__dict__.get(_STRUCTURE_ATTR, []))
 
 
-def set_origin(model: nn.Module, spec: str | None, input_shape: Sequence[int], num_classes: int) -> None:
-    model.__dict__[_ORIGIN_ATTR] = {
-        "model": spec, "input_shape": list(input_shape), "num_classes": int(num_classes)
-    }
+def set_origin(model: nn.Module, spec: str | None, input_shape: Sequence[int], num_classes: int, *,
+               vocab: int | None = None, pad: int | None = None) -> None:
+    """Record what ``model`` was built from; ``vocab`` (and ``pad``) mark a model over token ids."""
+    origin: dict[str, Any] = {"model": spec, "input_shape": list(input_shape), "num_classes": int(num_classes)}
+    if vocab is not None:
+        origin.update(vocab=int(vocab), input_dtype="int64")
+        if pad is not None:
+            origin["pad"] = int(pad)
+    model.__dict__[_ORIGIN_ATTR] = origin
 
 
 def origin_of(model: nn.Module) -> dict[str, Any]:
     return dict(model.__dict__.get(_ORIGIN_ATTR, {}))
+
+
+def input_dtype_of(model: nn.Module) -> torch.dtype:
+    """The dtype ``model`` takes: ``torch.int64`` for a model built or checked for token ids, else float32."""
+    return torch.int64 if origin_of(model).get("input_dtype") == "int64" else torch.float32
 
 
 def _replay(model: nn.Module, ops: list[dict[str, Any]], source: str) -> None:
@@ -198,12 +209,15 @@ def _file_loader(path: Path) -> _FileLoader | None:
     return _FILE_LOADERS.get(suffix)
 
 
-def build_model(spec: str, *, input_shape: Sequence[int], num_classes: int, trust_pickle: bool = False) -> nn.Module:
-    """Build the architecture a spec names (no weights loaded)."""
+def build_model(spec: str, *, input_shape: Sequence[int], num_classes: int, trust_pickle: bool = False,
+                vocab: int | None = None, pad: int | None = None) -> nn.Module:
+    """Build the architecture a spec names (no weights loaded); ``vocab`` and ``pad``: the token data's
+    vocabulary size and padding id, for factories that take them."""
     spec = (spec or "").strip()
     if spec.startswith("zoo:"):
         name, kwargs = _parse_zoo(spec)
-        model = create_model(name, input_shape=input_shape, num_classes=num_classes, **kwargs)
+        known = {k: v for k, v in (("vocab", vocab), ("pad", pad)) if k not in kwargs}  # the spec's own win
+        model = create_model(name, input_shape=input_shape, num_classes=num_classes, **known, **kwargs)
     elif _looks_like_file(spec):
         loader = _file_loader(Path(spec))
         if loader is not None:
@@ -220,6 +234,9 @@ def build_model(spec: str, *, input_shape: Sequence[int], num_classes: int, trus
             kwargs["input_shape"] = tuple(input_shape)
         if accepts_any or "num_classes" in params:
             kwargs["num_classes"] = int(num_classes)
+        for key, value in (("vocab", vocab), ("pad", pad)):  # named parameters only
+            if value is not None and key in params:
+                kwargs[key] = int(value)
         model = factory(**kwargs)
         if not isinstance(model, nn.Module):
             raise SlimkitError(f"'{spec}' returned {type(model).__name__}, not a torch.nn.Module.")
@@ -228,7 +245,7 @@ def build_model(spec: str, *, input_shape: Sequence[int], num_classes: int, trus
             f"unknown model spec '{spec}'. Use zoo:NAME (one of {', '.join(zoo_names())}), "
             "package.module:function (your factory) or FILE.pt --trust-pickle (a pickled module)."
         )
-    set_origin(model, spec, input_shape, num_classes)
+    set_origin(model, spec, input_shape, num_classes, vocab=vocab, pad=pad)
     return model
 
 
@@ -393,12 +410,16 @@ def load_model(
     trust_pickle: bool = False,
     input_shape: Sequence[int] | None = None,
     num_classes: int | None = None,
+    vocab: int | None = None,
+    pad: int | None = None,
 ) -> nn.Module:
     """Build a model from its spec and load its weights, safely.
 
     With a ``.safetensors`` file saved by slimkit, ``spec``, ``input_shape`` and
     ``num_classes`` default to the ones stored in it and recorded structural changes are
-    replayed, so a pruned or decomposed model loads as itself.
+    replayed, so a pruned or decomposed model loads as itself. The vocabulary (and padding id)
+    a token model was built with are stored too, and win over ``vocab`` / ``pad`` (the
+    weights' embedding has that size).
     """
     if spec and weights is None and str(spec).endswith(".safetensors"):
         spec, weights = None, spec  # a weights file given as the model: it names its own architecture
@@ -413,7 +434,10 @@ def load_model(
     num_classes = num_classes or meta.get("num_classes")
     if not input_shape or not num_classes:
         raise SlimkitError("load_model needs input_shape and num_classes (from the data) to build the model.")
-    model = build_model(spec, input_shape=input_shape, num_classes=num_classes, trust_pickle=trust_pickle)
+    if meta.get("vocab") is not None:
+        vocab, pad = meta["vocab"], meta.get("pad")
+    model = build_model(spec, input_shape=input_shape, num_classes=num_classes, trust_pickle=trust_pickle,
+                        vocab=vocab, pad=pad)
     if weights:
         if meta.get("structure"):
             if meta.get("model") not in (None, spec):
@@ -446,9 +470,20 @@ def save_model(model: nn.Module, path: str | Path, *, extra: dict[str, Any] | No
     return _io.write_bytes(path, data)
 
 
-def check_fits(model: nn.Module, input_shape: Sequence[int], num_classes: int, data_name: str, model_name: str = "the model") -> None:
-    """Run one real-shaped batch through ``model``; explain if the data does not fit it."""
-    x = torch.zeros((2, *input_shape))
+def check_fits(model: nn.Module, input_shape: Sequence[int], num_classes: int, data_name: str,
+               model_name: str = "the model", *, vocab: int | None = None) -> None:
+    """Run one real-shaped batch through ``model``; explain if the data does not fit it.
+
+    ``vocab``: the data holds integer token ids ``0..vocab-1``; the batch is int64 and holds the
+    largest id, so an embedding too small for the data fails here.
+    """
+    if vocab is None:
+        x = torch.zeros((2, *input_shape))
+        kind = f"shaped {tuple(input_shape)}"
+    else:
+        x = torch.zeros((2, *input_shape), dtype=torch.int64)
+        x[0] = int(vocab) - 1
+        kind = f"integer token ids shaped {tuple(input_shape)} with ids up to {int(vocab) - 1}"
     was_training = model.training
     model.eval()
     try:
@@ -456,10 +491,10 @@ def check_fits(model: nn.Module, input_shape: Sequence[int], num_classes: int, d
             out = model(x)
     except Exception as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise SlimkitError(
-            f"{model_name} does not accept the examples of {data_name}, shaped {tuple(input_shape)}: {msg}. "
-            "Build the model for this data's input shape (zoo models adapt to it)."
-        ) from None
+        hint = ("Build the model for this data's input shape (zoo models adapt to it)." if vocab is None else
+                f"A model over token ids starts with an embedding of at least {int(vocab)} rows and takes int64 "
+                "input (zoo:transformer takes its vocabulary from the data); float-only models do not.")
+        raise SlimkitError(f"{model_name} does not accept the examples of {data_name}, {kind}: {msg}. {hint}") from None
     finally:
         model.train(was_training)
     if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != 2:
@@ -520,8 +555,10 @@ def resolve_model(
             apply_weights(model, load_weights(weights), str(weights), type(model).__name__)
         m, name = model, type(model).__name__
     else:
-        m = load_model(model, weights=weights, trust_pickle=trust_pickle,
-                       input_shape=data.input_shape, num_classes=data.num_classes)
+        m = load_model(model, weights=weights, trust_pickle=trust_pickle, input_shape=data.input_shape,
+                       num_classes=data.num_classes, vocab=data.vocab_size, pad=data.pad_id)
         name = origin_of(m).get("model") or "the model"
-    check_fits(m, data.input_shape, data.num_classes, data.name, name)
+    check_fits(m, data.input_shape, data.num_classes, data.name, name, vocab=data.vocab_size)
+    if data.is_tokens:  # measured and exported with int64 ids from now on
+        m.__dict__.setdefault(_ORIGIN_ATTR, {})["input_dtype"] = "int64"
     return m

@@ -3,7 +3,8 @@
 Every factory takes the data's ``input_shape`` (``(C, H, W)`` or ``(features,)``) and
 ``num_classes`` and adapts to them, so ``zoo:lenet5`` works on 8x8 digits and on 28x28
 Fashion-MNIST alike; ``zoo:lstm`` reads an image row by row (``T = H`` steps of ``C * W``
-features) or a float sequence ``(T, F)``.
+features) or a float sequence ``(T, F)``; ``zoo:transformer`` reads integer token ids ``(T,)``,
+its vocabulary taken from the data (``vocab``: the largest id + 1) unless the spec names one.
 
 >>> from slimkit.models import create_model
 >>> create_model("resnet", input_shape=(1, 8, 8), num_classes=10, width=0.5)  # doctest: +ELLIPSIS
@@ -12,6 +13,7 @@ ResNet(...
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -32,6 +34,7 @@ __all__ = [
     "MBV2_STAGES",
     "RecurrentClassifier",
     "RNN_CELLS",
+    "TokenTransformer",
 ]
 
 _ZOO: dict[str, Callable[..., nn.Module]] = {}
@@ -51,12 +54,22 @@ def zoo_names() -> list[str]:
     return sorted(_ZOO)
 
 
-def create_model(name: str, *, input_shape: Sequence[int], num_classes: int, **kwargs: Any) -> nn.Module:
-    """Build the zoo model ``name`` for the given input shape and class count."""
+def create_model(name: str, *, input_shape: Sequence[int], num_classes: int, vocab: int | None = None,
+                 pad: int | None = None, **kwargs: Any) -> nn.Module:
+    """Build the zoo model ``name`` for the given input shape and class count.
+
+    What the data knows of token ids, ``vocab`` (ids are ``0..vocab-1``) and ``pad`` (the padding
+    id), goes to the factories that take an argument of that name; the others ignore it.
+    """
     if name not in _ZOO:
         raise SlimkitError(f"unknown zoo model '{name}'; the zoo has: {', '.join(zoo_names())}.")
+    factory = _ZOO[name]
+    accepted = inspect.signature(factory).parameters
+    for key, value in (("vocab", vocab), ("pad", pad)):
+        if value is not None and key in accepted:
+            kwargs[key] = int(value)
     try:
-        return _ZOO[name](input_shape=tuple(input_shape), num_classes=int(num_classes), **kwargs)
+        return factory(input_shape=tuple(input_shape), num_classes=int(num_classes), **kwargs)
     except TypeError as e:
         raise SlimkitError(f"zoo:{name} does not take these arguments {sorted(kwargs)}: {e}.") from None
 
@@ -378,3 +391,81 @@ def lstm(input_shape: Sequence[int] = (1, 28, 28), num_classes: int = 10, hidden
     e.g. ``zoo:lstm,hidden=128,layers=2`` or ``zoo:lstm,cell=gru``."""
     _, features = _sequence_shape("lstm", tuple(input_shape))
     return RecurrentClassifier(features, num_classes, int(hidden), int(layers), str(cell), bool(bidirectional))
+
+
+# --------------------------------------------------------------------------- transformer encoder over tokens
+
+
+class TokenTransformer(nn.Module):
+    """A small encoder classifier over integer token ids ``(N, T)``: token + learned position
+    embeddings, ``layers`` pre-norm ``nn.TransformerEncoderLayer`` (batch first, GELU), a final
+    layer norm, then mean pooling over the non-padding tokens (``pool="mean"``) or the first token
+    (``pool="first"``, a [CLS] token) and a linear classifier.
+
+    ``pad``: the padding id; padded tokens are masked out of attention and pooling (``None``: no
+    padding, every token counts). Sequences up to ``max_len`` tokens are accepted.
+
+    >>> net = TokenTransformer(vocab=32, num_classes=2, dim=16, heads=2, layers=1, max_len=8, pad=0)
+    >>> net(torch.randint(0, 32, (3, 8))).shape
+    torch.Size([3, 2])
+    """
+
+    def __init__(self, vocab: int, num_classes: int = 2, dim: int = 64, heads: int = 4, layers: int = 2,
+                 max_len: int = 128, ffn: int | None = None, dropout: float = 0.0, pool: str = "mean",
+                 pad: int | None = None):
+        super().__init__()
+        if vocab < 1 or dim < 1 or heads < 1 or layers < 1 or max_len < 1:
+            raise SlimkitError(f"zoo:transformer needs vocab, dim, heads, layers and max_len >= 1, got vocab={vocab}, "
+                               f"dim={dim}, heads={heads}, layers={layers}, max_len={max_len}.")
+        if dim % heads:
+            raise SlimkitError(f"zoo:transformer dim ({dim}) must be a multiple of heads ({heads}).")
+        if pool not in ("mean", "first"):
+            raise SlimkitError(f"zoo:transformer pool must be 'mean' or 'first', got '{pool}'.")
+        if pad is not None and not 0 <= pad < vocab:
+            raise SlimkitError(f"zoo:transformer pad id {pad} is outside the vocabulary 0..{vocab - 1}.")
+        self.pool, self.pad, self.max_len = pool, pad, int(max_len)
+        self.embed = nn.Embedding(vocab, dim)
+        self.pos = nn.Embedding(max_len, dim)
+        layer = nn.TransformerEncoderLayer(dim, heads, ffn or 4 * dim, dropout, activation="gelu",
+                                           batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(dim)
+        self.fc = nn.Linear(dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, T) int64 token ids
+        t = x.shape[1]
+        torch._check(t <= self.max_len, lambda: f"zoo:transformer takes at most max_len={self.max_len} tokens")
+        h = self.embed(x) + self.pos(torch.arange(t, device=x.device))  # (N, T, dim) + (T, dim)
+        if self.pad is None:
+            h = self.norm(self.encoder(h))
+            return self.fc(h[:, 0] if self.pool == "first" else h.mean(1))  # (N, dim) -> (N, classes)
+        padded = x == self.pad  # (N, T); a sequence of padding only attends to all of it (no NaN)
+        padded = padded & ~padded.all(1, keepdim=True)
+        h = self.norm(self.encoder(h, src_key_padding_mask=padded))
+        if self.pool == "first":
+            return self.fc(h[:, 0])
+        keep = (~padded).unsqueeze(-1).to(h.dtype)  # (N, T, 1)
+        return self.fc((h * keep).sum(1) / keep.sum(1).clamp_min(1.0))  # (N, dim) -> (N, classes)
+
+
+@register_model("transformer")
+def transformer(input_shape: Sequence[int] = (128,), num_classes: int = 2, vocab: int | None = None, dim: int = 64,
+                heads: int = 4, layers: int = 2, max_len: int | None = None, ffn: int | None = None,
+                dropout: float = 0.0, pool: str = "mean", pad: int | None = None) -> TokenTransformer:
+    """A small transformer encoder over token ids ``(T,)``, e.g. ``zoo:transformer,dim=128,layers=4``.
+    ``vocab`` defaults to the data's (the largest id + 1), ``max_len`` to its sequence length ``T``,
+    ``pad`` to the data's padding id (from its ``attention_mask``; else no padding)."""
+    shape = tuple(input_shape)
+    if len(shape) != 1:
+        raise SlimkitError(
+            f"zoo:transformer reads integer token ids shaped (T,); this data has examples of shape {shape}. "
+            "Give token ids as an integer array x of shape (N, T) (see the README, 'Token inputs')."
+        )
+    if vocab is None:
+        raise SlimkitError(
+            "zoo:transformer needs a vocabulary size: load integer token ids (the vocabulary is taken from them) "
+            "or name it, e.g. zoo:transformer,vocab=30522."
+        )
+    return TokenTransformer(int(vocab), num_classes, int(dim), int(heads), int(layers),
+                            int(max_len or shape[0]), None if ffn is None else int(ffn), float(dropout), str(pool),
+                            None if pad is None else int(pad))

@@ -189,8 +189,8 @@ def _preprocess(src: Path, dst: Path) -> tuple[Path, bool]:
     """ORT's recommended pre-processing (shape inference, graph clean-up); the source if it fails."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    try:
-        with _quiet_ort():
+    try:  # its symbolic shape inference writes scratch files into the current folder: make that dst's
+        with _quiet_ort(), contextlib.chdir(dst.parent):
             quant_pre_process(str(src), str(dst))
         return dst, True
     except Exception as e:  # a graph its symbolic shape inference cannot handle: quantize as exported
@@ -198,11 +198,16 @@ def _preprocess(src: Path, dst: Path) -> tuple[Path, bool]:
         return src, False
 
 
+def _as_input(x: torch.Tensor) -> np.ndarray:
+    """An ONNX Runtime feed: float32 for float data, token ids stay integer."""
+    return np.ascontiguousarray(x.numpy(), dtype=np.float32 if x.is_floating_point() else np.int64)
+
+
 class _Reader:
     """ONNX Runtime's CalibrationDataReader protocol over a tensor of examples."""
 
     def __init__(self, input_name: str, x: torch.Tensor, batch: int = 32):
-        self.batches = [{input_name: np.ascontiguousarray(x[i : i + batch].numpy(), dtype=np.float32)}
+        self.batches = [{input_name: _as_input(x[i : i + batch])}
                         for i in range(0, len(x), batch)]
         self.i = 0
 
@@ -282,8 +287,7 @@ def _rank(config: StaticInt8 | DynamicInt8, pre: Path, candidates: dict[str, lis
     if isinstance(config, StaticInt8):
         qdq = first if config.format == "qdq" else write(tmp / "debug-qdq.onnx", qdq=True)
         name = _input_name(pre)
-        feeds = [{name: np.ascontiguousarray(x_rank[i : i + 32].numpy(), dtype=np.float32)}
-                 for i in range(0, len(x_rank), 32)]
+        feeds = [{name: _as_input(x_rank[i : i + 32])} for i in range(0, len(x_rank), 32)]
         return rank_static(pre, qdq, candidates, feeds, threads)
     return rank_isolated(candidates, lambda nodes: ort_predict(ort_session(write(tmp / "only.onnx", only=nodes), threads),
                                                                x_rank),
