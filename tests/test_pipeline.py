@@ -22,8 +22,10 @@ def _scratch_dirs() -> set[Path]:
     return {p for p in tmp.iterdir() if p.name.startswith(("slimkit-", ".slimkit-work-"))}
 
 
-def test_apply_without_out_leaves_no_temporary_folder(trained, digits):
+def test_apply_without_out_leaves_no_temporary_folder(trained, digits, tmp_path, monkeypatch):
     model, _ = trained("lenet300")
+    # a temporary folder of this test's own: other processes' scratch folders come and go in /tmp
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     before = _scratch_dirs()
     res = slimkit.apply(["export"], model, digits, budget=None, target=Target(batch_sizes=(1,), max_seconds=0.05,
                                                                                  layers=False))
