@@ -284,7 +284,7 @@ _OPTION_OF = {
     "budget": ("max_latency_ms", "min_throughput", "max_size_kb", "max_accuracy_drop"),
     "search": ("objective", "trials", "timeout", "trial_timeout", "sampler", "seed", "val_size", "verbose"),
     "store": ("out", "storage", "study", "overwrite"),
-    "space": ("methods", "finetune_batches", "warm"),
+    "space": ("methods", "finetune_batches", "warm", "finalists", "final_epochs", "final_batches"),
 }
 
 

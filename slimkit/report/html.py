@@ -229,6 +229,29 @@ def _pareto_table(pareto: list[dict[str, Any]], batch_sizes: Sequence[int]) -> s
     return _table(headers, rows, left=(1,), row_classes=classes)
 
 
+def _finalists_table(finalists: list[dict[str, Any]], batch_sizes: Sequence[int]) -> str:
+    """The second fidelity: each finalist's proxy against its fully fine-tuned figures."""
+    headers = (["trial", "recipe", "proxy val acc", "final val acc"] + [f"ms @{b}" for b in batch_sizes]
+               + [f"speed-up @{b}" for b in batch_sizes] + ["within budget", "epochs run", "seconds"])
+    rows, classes = [], []
+    for f in finalists:
+        epochs = ", ".join(str(t["epochs_run"]) + (" (stopped early)" if t.get("stopped_early") else "")
+                           for t in f.get("training") or [])
+        rows.append([str(f["trial"]), _e(f["summary"]), f"{f['proxy_val_accuracy']:.4f}",
+                     f"{f['final_val_accuracy']:.4f}"]
+                    + [_num(f["latency_ms"].get(str(b))) for b in batch_sizes]
+                    + [_num(f["speedup"].get(str(b)), "{:.2f}x") for b in batch_sizes]
+                    + [_num(f["within_budget"]) + ("" if f["within_budget"] else " (" + _e(", ".join(f["over_budget"])) + ")"),
+                       _e(epochs or "-"), _num(f["seconds"], "{:.1f}")])
+        classes.append("best" if f["winner"] else "")
+    timed = finalists[0].get("timed", "") if finalists else ""
+    return ("<h2>Finalists: proxy vs full fine-tune (validation split)</h2>"
+            + _table(headers, rows, left=(1,), row_classes=classes)
+            + f"<p class=\"muted\">Each finalist's recipe applied again to the input model with a full, distilled "
+              f"fine-tune (early stopping on validation); latencies timed {_e(timed)}. The best within budget "
+              "wins.</p>")
+
+
 def _infeasible(report: dict[str, Any]) -> str:
     parts = ['<div class="box"><p class="bad">No trial met the budget.</p>']
     if report.get("unmet"):
@@ -332,6 +355,8 @@ def render_report(report: dict[str, Any], rows: list[dict[str, Any]]) -> str:
             out.append(f"<p class=\"muted\">{_e(notes)}</p>")
         recipe = (best.get("final") or {}).get("recipe") or best["recipe"]
         note = f" ({_e(best['final']['note'])})" if best.get("final") else ""
+        if report.get("finalists"):
+            out.append(_finalists_table(report["finalists"], bs))
         out.append(f"<h2>Best recipe{note}</h2><pre>" + _e(yaml.safe_dump(recipe, sort_keys=False)) + "</pre>"
                    "<p class=\"muted\">Replay it with <code>slimkit apply best_recipe.yaml ...</code>.</p>")
     if report.get("baseline_is"):

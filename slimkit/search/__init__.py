@@ -10,7 +10,8 @@ trial by the chosen objective becomes ``best.onnx``.
 The study kit: the option objects (:class:`Budget`, :class:`Search`, :class:`Store`), the
 stored record (:class:`SearchRecord`), :func:`open_place` / :func:`open_or_resume` (create a
 study or resume it, checking its stored settings), :func:`ensure_baseline`, :class:`Session`,
-:class:`TrialRecorder`, :class:`EarlyStop`, :func:`make_sampler`, :func:`write_results`, the
+:class:`TrialRecorder`, :class:`EarlyStop`, :func:`make_sampler`, :func:`write_results` (with a final
+stage: :func:`finalist_stage`, compress's finalists fine-tuned fully), the
 worker's side (:func:`join_study`) and the fault handling (:func:`stop_signals`,
 :func:`recover_lost`, :func:`per_trial_seed`: see :mod:`slimkit.search._faults`).
 
@@ -23,6 +24,7 @@ worker's side (:func:`join_study`) and the fault handling (:func:`stop_signals`,
 
 from ._faults import (Interrupted, SearchInterrupted, TrialTimeoutError, per_trial_seed, recover_lost, signal_name,
                       stop_signals)
+from ._final import FINAL_PATIENCE, RECOVERABLE_DROP, final_recipe, finalist_stage, pick_finalists, stored_finalists
 from ._objective import Objective
 from ._options import OBJECTIVES, SAMPLERS, Budget, CompressSpace, Search, Store, WorkerOptions, parse_latency
 from ._record import (BASELINE_ATTR, DIRECTIONS, FINISHED, METRICS, RESULT_FILES, STUDY_ATTR, NasRecord,
@@ -50,6 +52,8 @@ __all__ = [
     # trials
     "Session", "TrialRecorder", "Judged", "EarlyStop", "apply_trial", "measure_baseline", "figures_of",
     "constraint_values", "constraint_limits", "describe_figures", "speed_verdicts",
+    # the second fidelity: the finalists fine-tuned fully
+    "finalist_stage", "pick_finalists", "final_recipe", "stored_finalists", "FINAL_PATIENCE", "RECOVERABLE_DROP",
     # results and workers
     "write_results", "trial_rows", "pick_best", "baseline_test", "Joined", "join_study", "check_worker_args",
     "worker_sampler", "worker_seed",

@@ -24,6 +24,9 @@ __all__ = ["Budget", "Search", "Store", "CompressSpace", "WorkerOptions", "OBJEC
 
 OBJECTIVES = ("latency", "size", "accuracy")
 SAMPLERS = ("tpe", "nsga2", "gp", "random", "grid")
+#: ``compress``'s finalists by default, and (in a smaller search) one per this many trials.
+DEFAULT_FINALISTS = 3
+TRIALS_PER_FINALIST = 5
 
 
 def parse_latency(value: float | dict[int, float] | str | None) -> float | dict[int, float] | None:
@@ -211,7 +214,10 @@ class CompressSpace:
 
     ``methods``: search only these steps (default: every step with a search space);
     ``finetune_batches``: cap on batches per fine-tune epoch in each trial; ``warm``: try each
-    method alone in the first trials, before the sampler combines them.
+    method alone in the first trials, before the sampler combines them. ``finalists``: the best
+    candidates of the proxy Pareto front applied again with a full fine-tune of ``final_epochs``
+    epochs (of at most ``final_batches`` batches; ``None``: whole epochs), the best within budget
+    winning (see :meth:`finalist_count` for the default; 0: the proxy best wins, as before).
     """
 
     methods: Sequence[str] | None = field(default=None, metadata={"flag": "--methods", "type": str, "help":
@@ -221,12 +227,35 @@ class CompressSpace:
                                          "Cap on batches per fine-tune epoch in each trial (quicker trials)."})
     warm: bool = field(default=True, metadata={"flag": "--warm-start/--no-warm-start", "help":
                        "Try each method alone in the first trials, before the sampler combines them."})
+    finalists: int | None = field(default=None, metadata={"flag": "--finalists", "help":
+                                  "Candidates of the proxy Pareto front fine-tuned fully at the end; the best "
+                                  "within budget wins (0: none; default: 3, one per 5 trials in a smaller search)."})
+    final_epochs: int = field(default=10, metadata={"flag": "--final-epochs", "help":
+                              "Epochs of each finalist's full fine-tune (distilled from the input model, "
+                              "early stopping on validation)."})
+    final_batches: int | None = field(default=None, metadata={"cli": False})  # a cap for quick tests
 
     def __post_init__(self) -> None:
         if isinstance(self.methods, str):
             object.__setattr__(self, "methods", [m.strip() for m in self.methods.split(",") if m.strip()])
         check(self.finetune_batches is None or self.finetune_batches >= 1, "finetune_batches",
               f"must be >= 1, got {self.finetune_batches}")
+        check(self.finalists is None or self.finalists >= 0, "finalists",
+              f"must be >= 0 (0: no final stage), got {self.finalists}")
+        check(self.final_epochs >= 1, "final_epochs", f"must be >= 1, got {self.final_epochs}")
+        check(self.final_batches is None or self.final_batches >= 1, "final_batches",
+              f"must be >= 1, got {self.final_batches}")
+
+    def finalist_count(self, trials: int) -> int:
+        """How many finalists a search of ``trials`` trials takes: ``finalists``, or by default 3 (one
+        per :data:`TRIALS_PER_FINALIST` trials in a smaller search, none under that many).
+
+        >>> CompressSpace().finalist_count(20), CompressSpace().finalist_count(12), CompressSpace().finalist_count(4)
+        (3, 2, 0)
+        """
+        if self.finalists is not None:
+            return self.finalists
+        return min(DEFAULT_FINALISTS, trials // TRIALS_PER_FINALIST)
 
 
 @dataclass(frozen=True)

@@ -168,12 +168,17 @@ def _describe_constraint(key: str) -> str:
 
 def write_results(study: Any, session: Session, *, storage: str, out: Path,
                   final: Callable[[Any], dict[str, Any]] | None = None,
-                  extra: dict[str, Any] | None = None) -> dict[str, Any]:
+                  extra: dict[str, Any] | None = None, confirm: bool = True) -> dict[str, Any]:
     """Write every result file; raise :class:`NoFeasibleTrialError` (after writing) if nothing met the budget.
 
-    ``final(best_trial)`` (``slimkit nas``: the best architecture trained fully) returns the
-    ``folder`` holding the model that becomes ``best.*``, its ``recipe``, the ``model`` it
-    applies to and a ``note``; ``extra`` is merged into ``result.json`` (and the report).
+    ``final(best_trial)``, the search's final stage (``slimkit nas``: the best architecture
+    trained fully; ``compress``: its finalists fine-tuned fully, :mod:`slimkit.search._final`),
+    returns the ``folder`` holding the model that becomes ``best.*`` (``None``: the best trial's
+    own files), its ``recipe``, the ``model`` it applies to and a ``note``; a stage that chooses
+    among several candidates also returns the ``trial`` whose recipe won, its validation
+    ``figures`` and the ``finalists`` it compared (``result.json`` and the report show them).
+    ``confirm``: re-time the fastest trials side by side to pick the best (a stage that times its
+    candidates itself needs no such step). ``extra`` is merged into ``result.json`` (and the report).
     """
     cfg = session.record
     out = Path(out)
@@ -181,8 +186,11 @@ def write_results(study: Any, session: Session, *, storage: str, out: Path,
     finished = [t for t in trials if t.state.name in ("COMPLETE", "PRUNED", "FAIL")]
     best_t = pick_best(trials, cfg.objective)
     confirmed = None
-    if best_t is not None and cfg.objective == "latency" and cfg.target == "ort-cpu":
+    if best_t is not None and confirm and cfg.objective == "latency" and cfg.target == "ort-cpu":
         best_t, confirmed = _confirm_fastest(trials, session)
+    done = final(best_t) if final is not None and best_t is not None else None
+    if done and done.get("trial") is not None:
+        best_t = done["trial"]  # the final stage's winner
     pareto_ts = [t for t in study.best_trials if "figures" in t.user_attrs] if best_t is not None else []
     pareto_ts = [t for t in pareto_ts if t.user_attrs.get("feasible")]
     if best_t is not None and best_t not in pareto_ts:
@@ -227,9 +235,9 @@ def write_results(study: Any, session: Session, *, storage: str, out: Path,
         _io.write_json(out / "result.json", report)
         raise NoFeasibleTrialError(_no_feasible_message(report, trials, out))
 
-    folder, rebuilt = _artifacts(best_t, session)
-    done = final(best_t) if final is not None else None
-    best_folder = done["folder"] if done else folder
+    chosen = done is not None and done.get("trial") is not None  # the final stage's winner, in its own folder
+    folder, rebuilt = (done["folder"], None) if chosen else _artifacts(best_t, session)
+    best_folder = done["folder"] if done and done.get("folder") is not None else folder
     _io.atomic_write(out / "best.onnx", lambda p: shutil.copyfile(best_folder / "model.onnx", p))
     _io.atomic_write(out / "best.safetensors", lambda p: shutil.copyfile(best_folder / "model.safetensors", p))
     recipe = Recipe.from_data(done["recipe"] if done else best_t.user_attrs["recipe"])
@@ -274,8 +282,10 @@ def write_results(study: Any, session: Session, *, storage: str, out: Path,
               "search": best_t.user_attrs["figures"], "steps": best_t.user_attrs.get("steps"),
               "verdicts": trial_verdicts(best_t.user_attrs) or None, **({"rebuilt": rebuilt} if rebuilt else {}),
               **({"confirmed": confirmed} if confirmed else {}),
-              **({"final": {"recipe": done["recipe"], "note": done["note"]}} if done else {})},
+              **({"final": {"recipe": done["recipe"], "note": done["note"],
+                            **({"figures": done["figures"]} if done.get("figures") else {})}} if done else {})},
         pareto=pareto_rows,
+        **({"finalists": done["finalists"]} if done and "finalists" in done else {}),
         files=files,
         **({"headline": headline} if headline else {}),
         **({"returned": returned} if returned else {}),

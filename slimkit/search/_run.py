@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from ..measure import Target
 from ..models import ModelRef, load_model, origin_of, resolve_model, save_model
 from ..pipeline import recipe_summary
 from ._faults import SearchInterrupted, per_trial_seed, recover_lost, signal_name, stop_signals, write_error
+from ._final import FINALISTS_DIR, finalist_stage
 from ._objective import Objective
 from ._options import Budget, CompressSpace, Search, Store, WorkerOptions
 from ._record import RESULT_FILES, SearchRecord
@@ -73,8 +75,12 @@ def compress(
     ``space.finetune_batches`` caps every fine-tune epoch and ``search.val_size`` the validation
     examples trials are judged on (quicker trials on big data). With ``space.warm`` (the
     default), the first trials try each compression method alone before the sampler combines
-    them. The study lives in ``store.out/study.db`` (or ``store.storage``); calling again with
-    the same arguments resumes it until it holds ``search.trials`` trials. Writes ``best.onnx``,
+    them. Then the best ``space.finalists`` candidates of that proxy Pareto front are applied
+    again with a full fine-tune (``space.final_epochs``, distilled, early stopping), exported and
+    timed side by side with the input model; the best of them within budget on validation wins
+    (:mod:`slimkit.search._final`). The study lives in ``store.out/study.db`` (or ``store.storage``);
+    calling again with the same arguments resumes it until it holds ``search.trials`` trials,
+    then runs the finalists not finished yet. Writes ``best.onnx``,
     ``best.safetensors``, ``best_recipe.yaml``, ``trials.csv``, ``result.json`` and
     ``report.html`` into ``store.out``; raises :class:`~slimkit.errors.NoFeasibleTrialError`
     (exit code 3) after writing them if no trial met the budget. ``search.trial_timeout`` stops
@@ -100,7 +106,7 @@ def compress(
     # bad data or a bad model fails here, before anything is created or a previous search removed
     bundle = validation_subset(resolve_data(data, search.seed), search.val_size, search.seed)
     net = resolve_model(model, bundle)
-    place = open_place(store, inputs=[weights])
+    place = open_place(store, inputs=[weights], extra=(FINALISTS_DIR,))
 
     spec, weights_path = model_record(model, net, out)
     record = SearchRecord(
@@ -134,7 +140,10 @@ def compress(
                       f"--storage {redact(place.url)} --study {place.name} --trials N, then run this command again "
                       "to write the results.")
         return CompressResult(None, None, None, out)
-    report = _write(st, session, place)
+    count = space.finalist_count(search.trials)
+    stage = finalist_stage(st, session, out, count=count, epochs=space.final_epochs,
+                           batches=space.final_batches) if count else None
+    report = _write(st, session, place, final=stage)
     _summarize(report, record)
     best = load_model(weights=out / "best.safetensors", input_shape=bundle.input_shape,
                       num_classes=bundle.num_classes) if record.model else None
@@ -191,10 +200,12 @@ def _recover(st: Any) -> None:
                       "(they run again with the same parameters)")
 
 
-def _write(st: Any, session: Session, place: StudyPlace) -> dict[str, Any]:
-    """The search's result files; a folder that takes no file is a clear error (the study stays)."""
+def _write(st: Any, session: Session, place: StudyPlace,
+           final: Callable[[Any], dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The search's result files (``final``: the finalists' stage, see :mod:`slimkit.search._final`);
+    a folder that takes no file is a clear error (the study stays)."""
     try:
-        return write_results(st, session, storage=place.url, out=place.out)
+        return write_results(st, session, storage=place.url, out=place.out, final=final, confirm=final is None)
     except OSError as e:
         raise write_error(e, place.out, "the search's results", study=redact(place.url)) from None
 
@@ -207,6 +218,9 @@ def _summarize(report: dict[str, Any], record: SearchRecord) -> None:
     _console.info(f"[bold]best (by {record.objective})[/bold]: trial {best['trial']}: "
                   f"{recipe_summary(best['recipe'], best['params'])}")
     _console.info("  search (validation): " + describe_figures(best["search"], record.batch_sizes))
+    if (best.get("final") or {}).get("figures"):
+        _console.info("  fine-tuned fully (validation): " + describe_figures(best["final"]["figures"],
+                                                                              record.batch_sizes))
 
 
 def compress_worker(joined: Joined, *, trials: int, total: int | None, timeout: float | None, out: Path | None,
