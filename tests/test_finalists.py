@@ -25,8 +25,8 @@ from slimkit.search._final import FINAL_PATIENCE, final_recipe, stored_finalists
 from ._services import compress_options
 
 # tiny settings: one batch size, short timings, 2-batch proxy fine-tunes; every trial within budget
-TINY = {"methods": ["finetune"], "batch_sizes": (1,), "threads": 1, "max_seconds": 0.05, "finetune_batches": 2,
-        "max_accuracy_drop": 1.0, "trials": 3, "sampler": "random"}
+TINY = {"methods": ["finetune", "quantize_dynamic"], "batch_sizes": (1,), "threads": 1, "max_seconds": 0.05,
+        "finetune_batches": 2, "max_accuracy_drop": 1.0, "trials": 4, "sampler": "random"}
 FINAL = {"finalists": 2, "final_epochs": 2, "final_batches": 2}
 
 
@@ -209,8 +209,9 @@ def test_a_candidate_that_missed_only_the_accuracy_limit_gets_a_place():
 
     study = optuna.create_study(directions=["minimize", "minimize", "maximize"])
 
-    def add(ratio: float, acc: float, feasible: bool, violations: dict) -> int:
+    def add(ratio: float, acc: float, feasible: bool, violations: dict, recipe: list | None = None) -> int:
         t = optuna.trial.create_trial(values=[ratio, 100.0, acc], user_attrs={
+            "recipe": recipe or [{"prune_structured": {"ratio": round(1 - ratio, 2)}}, "export"],
             "figures": {"latency_ratio": ratio, "val_accuracy": acc, "size_kb": 100.0},
             "feasible": feasible, "violations": violations})
         study.add_trial(t)
@@ -220,7 +221,9 @@ def test_a_candidate_that_missed_only_the_accuracy_limit_gets_a_place():
     near = add(0.3, 0.96, False, {"accuracy_drop": RECOVERABLE_DROP / 2})
     far = add(0.2, 0.5, False, {"accuracy_drop": RECOVERABLE_DROP * 8})
     too_big = add(0.25, 0.98, False, {"accuracy_drop": 0.01, "size_kb": 3.0})
+    tuned = add(0.5, 0.99, True, {}, recipe=[{"finetune": {"epochs": 1}}, "export"])  # timing noise: the input
     picked = [t.number for t in _final.pick_finalists(study, "latency", 3)]
-    assert picked == [ok_fast, ok_slow, near]  # far and too_big (over another limit) stay out
+    assert picked == [ok_fast, ok_slow, near]  # far, too_big (over another limit) and tuned stay out
+    assert tuned not in picked
     assert [t.number for t in _final.pick_finalists(study, "latency", 1)] == [ok_fast]
     assert far not in picked and too_big not in picked

@@ -22,7 +22,7 @@ from slimkit.measure import Target
 from slimkit.models import ModelRef
 from slimkit.pipeline import Recipe, get_step
 from slimkit.search import Budget, EarlyStop, compress, draw_recipe, make_sampler, searchable_steps
-from slimkit.search._space import GridTrial, off_switch, warm_start
+from slimkit.search._space import GridTrial, off_switch, on_the_file, warm_start
 
 from ._services import FAST, compress_options, failing_step, small_search
 
@@ -99,6 +99,10 @@ def test_off_switches_and_warm_start():
         on = [k for k, v in params.items() if off_switch(get_step(k.split(".")[0]))[2] == v]
         assert len(on) == (0 if i == 0 else 1)  # the reference, then one compression method per trial
         assert "finetune.epochs" not in params  # fine-tuning stays free
+    alone = [next(k.split(".")[0] for k, v in p.items() if off_switch(get_step(k.split(".")[0]))[2] == v)
+             for p in trials[1:]]
+    on_file = [on_the_file(get_step(n)) for n in alone]
+    assert on_file == sorted(on_file, reverse=True) and any(on_file)  # the quick INT8 steps first
     assert len(warm_start("ort-cpu", limit=2)) == min(2, len(trials))
     assert warm_start("ort-cpu", ["finetune"]) == []  # nothing to switch off
 

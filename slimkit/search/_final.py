@@ -111,6 +111,13 @@ def final_recipe(recipe: Recipe | dict[str, Any], *, epochs: int, batches: int |
 RECOVERABLE_DROP = 0.05
 
 
+def _changes_model(t: Any) -> bool:
+    """Whether a trial's recipe has a step besides fine-tuning and export: one that can make the
+    model faster or smaller (the reference trial, the input model fine-tuned, cannot)."""
+    steps = Recipe.from_data(t.user_attrs["recipe"]).steps
+    return any(s.name != "export" and not is_training_step(get_step(s.name)) for s in steps)
+
+
 def _recoverable(t: Any) -> bool:
     missed = t.user_attrs.get("violations") or {}
     return (t.state.name == "COMPLETE" and "figures" in t.user_attrs and not t.user_attrs.get("feasible")
@@ -118,7 +125,8 @@ def _recoverable(t: Any) -> bool:
 
 
 def pick_finalists(study: Any, objective: str, count: int) -> list[Any]:
-    """The best ``count`` trials of the proxy Pareto front within budget, by ``objective`` (the next
+    """The best ``count`` trials of the proxy Pareto front within budget that change the model (not
+    only fine-tune it), by ``objective`` (the next
     trials within budget when the front holds fewer); with ``count >= 2``, ``count // 2`` of the places
     go to trials better by ``objective`` than every one of those that missed only the accuracy limit,
     by at most :data:`RECOVERABLE_DROP` (see there), best first."""
@@ -128,8 +136,9 @@ def pick_finalists(study: Any, objective: str, count: int) -> list[Any]:
     def rank(t: Any) -> tuple[Any, ...]:
         return _SELECT[objective](t.user_attrs["figures"]), t.number
 
-    trials = study.get_trials(deepcopy=False)
-    front = sorted((t for t in study.best_trials if _is_feasible(t)), key=rank)
+    trials = [t for t in study.get_trials(deepcopy=False) if "recipe" in t.user_attrs and _changes_model(t)]
+    numbers = {t.number for t in trials}
+    front = sorted((t for t in study.best_trials if _is_feasible(t) and t.number in numbers), key=rank)
     on_front = {t.number for t in front}
     feasible = [*front, *sorted((t for t in trials if _is_feasible(t) and t.number not in on_front), key=rank)]
     best = rank(feasible[0]) if feasible else None

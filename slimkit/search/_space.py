@@ -20,7 +20,7 @@ from ..errors import ConfigError
 from ..pipeline import Recipe, Step, StepSpec, get_step, step_names
 from ..training import TrainConfig
 
-__all__ = ["searchable_steps", "draw_recipe", "GridTrial", "GRID_LEVELS", "off_switch", "warm_start"]
+__all__ = ["searchable_steps", "draw_recipe", "GridTrial", "GRID_LEVELS", "off_switch", "warm_start", "on_the_file"]
 
 # Steps every searched recipe needs (the artifact is measured on the target).
 ALWAYS = ("export",)
@@ -209,6 +209,11 @@ def is_training_step(spec: StepSpec) -> bool:
     return isinstance(spec.config, type) and issubclass(spec.config, TrainConfig) and not spec.sets
 
 
+def on_the_file(spec: StepSpec) -> bool:
+    """A step that works on the exported ONNX file (ONNX Runtime's INT8): it exports or needs the export."""
+    return "exported" in spec.requires or "exported" in spec.sets
+
+
 def warm_start(target: str, methods: Iterable[str] | None = None, *, limit: int | None = None,
                seed: int = 0) -> list[dict[str, Any]]:
     """Parameters of the first trials: the reference, then each compression step alone.
@@ -216,7 +221,8 @@ def warm_start(target: str, methods: Iterable[str] | None = None, *, limit: int 
     The reference switches every compression step off: the input model through the same
     fine-tune, export and measurement, a point within any accuracy budget that anchors the
     front. Then each compression step alone (the others off) measures every method on its own
-    before the sampler combines them (Optuna's ``enqueue_trial``). Fine-tuning steps stay free,
+    before the sampler combines them (Optuna's ``enqueue_trial``), the quick steps on the exported
+    file first. Fine-tuning steps stay free,
     so the sampler still decides how each one recovers. ``limit`` caps the number of these
     trials (the methods tried alone are then a subset chosen by ``seed``).
     """
@@ -230,9 +236,12 @@ def warm_start(target: str, methods: Iterable[str] | None = None, *, limit: int 
     # a step that clears a flag finishes an earlier step's work (the sparse format after pruning
     # masks): it is switched off in these trials but not tried alone
     names = [s.name for s in specs if s.name in switches and not s.clears]
+    # the steps on the exported file (INT8) first: they take seconds, so even a search stopped by
+    # its timeout after a few trials has tried them (the sampler never sees the order)
+    order = {s.name: (not on_the_file(s), s.order) for s in specs}
     if limit is not None and len(names) > limit - 1:
-        order = {s.name: s.order for s in specs}
-        names = sorted(random.Random(seed).sample(names, max(limit - 1, 0)), key=lambda n: order[n])
+        names = random.Random(seed).sample(names, max(limit - 1, 0))
+    names = sorted(names, key=lambda n: order[n])
     reference = {sw[0]: sw[1] for sw in switches.values()}
     return [reference] + [{sw[0]: sw[2] if other == name else sw[1] for other, sw in switches.items()}
                           for name in names]
