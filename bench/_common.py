@@ -31,6 +31,8 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS = ROOT / "BENCHMARKS.md"
 CACHE = ROOT / "bench" / ".cache"
 FASHION = "/usr/share/datasets/fashion-mnist"
+#: The machine's load (1, 5, 15 minutes) when the benchmark started, before it loaded it itself.
+START_LOAD = os.getloadavg()
 
 
 def command_line() -> str:
@@ -148,7 +150,8 @@ def write_section(name: str, title: str, body: str) -> None:
     """Replace (or append) the section ``name`` of BENCHMARKS.md, with command, machine and date."""
     stamp = dt.datetime.now().strftime("%Y-%m-%d %H:%M")
     section = (f"<!-- bench:{name} -->\n## {title}\n\n"
-               f"Command: `{command_line()}`  \nMachine: {machine()}  \nDate: {stamp}\n\n{body.strip()}\n"
+               f"Command: `{command_line()}`  \nMachine: {machine()}  \nDate: {stamp}  \n"
+               f"Load when it started (1/5/15 min): {' / '.join(f'{x:.2f}' for x in START_LOAD)}\n\n{body.strip()}\n"
                f"<!-- /bench:{name} -->")
     with _locked(CACHE / "BENCHMARKS.md.lock"):
         text = BENCHMARKS.read_text() if BENCHMARKS.exists() else (
