@@ -4,6 +4,7 @@ the census of the integer kernels ORT runs, and the float-vs-INT8 speed verdict.
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import dataclasses
 import math
@@ -49,12 +50,13 @@ QUANTIZE_TARGET = Target("ort-cpu", (1, 64), threads=1, max_seconds=1.0)
 
 @contextlib.contextmanager
 def _quiet_ort():
-    """onnxruntime.quantization logs warnings (pre-processing advice) through the root logger."""
+    """onnxruntime.quantization logs warnings (pre-processing advice) through the root logger, and
+    its histogram calibration prints its progress to stdout: keep both out of slimkit's output."""
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
             yield
     finally:
