@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from slimkit.measure.backends import get_backend
+
 # ----------------------------------------------------------------------------- PostgreSQL
 
 
@@ -323,3 +325,33 @@ def small_search(root: Path, weights: Path, **kwargs: Any) -> tuple[Path, Except
                 err = e
         _SEARCHES[key] = (out, err)
     return _SEARCHES[key]
+
+
+class ChosenTimes:
+    """A latency backend that reports chosen numbers (real speed-ups belong in benchmarks): ``ort-cpu``,
+    with the calls of an artifact whose file name starts with a given prefix
+    taking that many extra milliseconds (the first prefix that matches)."""
+
+    name = "ort-cpu"
+    needs_onnx = True
+
+    def __init__(self, ms: dict[str, float]):
+        self.ms = ms
+        self.real = get_backend("ort-cpu")
+
+    def prepare(self, model, onnx_path, threads):
+        runner = self.real.prepare(model, onnx_path, threads)
+        delay = next((ms for prefix, ms in self.ms.items() if Path(onnx_path).name.startswith(prefix)), 0.0) / 1000
+
+        class Slow:
+            def __call__(self, x):
+                time.sleep(delay)
+                return runner(x)
+
+            def layer_times(self, x, repeats):
+                return runner.layer_times(x, repeats)
+
+            def close(self):
+                runner.close()
+
+        return Slow()

@@ -8,8 +8,6 @@ speed-ups belong in benchmarks, not in timed tests.
 from __future__ import annotations
 
 import json
-import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,40 +15,12 @@ import torch
 import slimkit
 import slimkit.measure.timing as timing
 from slimkit.errors import ConfigError
-from slimkit.measure.backends import get_backend
 from slimkit.methods.decompose import Factorized, LowRank
 from slimkit.models import ModelRef, load_model, structure_of
 
+from ._services import ChosenTimes
+
 TARGET = slimkit.Target(batch_sizes=(1,), threads=1, max_seconds=0.05, layers=False)
-
-
-class ChosenTimes:
-    """``ort-cpu``, with the calls of an artifact whose file name starts with a given prefix
-    taking that many extra milliseconds (the first prefix that matches)."""
-
-    name = "ort-cpu"
-    needs_onnx = True
-
-    def __init__(self, ms: dict[str, float]):
-        self.ms = ms
-        self.real = get_backend("ort-cpu")
-
-    def prepare(self, model, onnx_path, threads):
-        runner = self.real.prepare(model, onnx_path, threads)
-        delay = next((ms for prefix, ms in self.ms.items() if Path(onnx_path).name.startswith(prefix)), 0.0) / 1000
-
-        class Slow:
-            def __call__(self, x):
-                time.sleep(delay)
-                return runner(x)
-
-            def layer_times(self, x, repeats):
-                return runner.layer_times(x, repeats)
-
-            def close(self):
-                runner.close()
-
-        return Slow()
 
 
 def _apply(recipe, weights, out, monkeypatch, ms):

@@ -6,46 +6,15 @@ speed-ups belong in benchmarks)."""
 from __future__ import annotations
 
 import json
-import time
-from pathlib import Path
 
 import pytest
 import yaml
 
 import slimkit.measure.timing as timing
-from slimkit.measure.backends import get_backend
 from slimkit.models import ModelRef, load_model
 from slimkit.search import compress
 
-from ._services import FAST, compress_options
-
-
-class ChosenTimes:
-    """The ``ort-cpu`` backend, with each artifact's calls taking a chosen time (by file name)."""
-
-    name = "ort-cpu"
-    needs_onnx = True
-
-    def __init__(self, ms: dict[str, float]):
-        self.ms = ms
-        self.real = get_backend("ort-cpu")
-
-    def prepare(self, model, onnx_path, threads):
-        runner = self.real.prepare(model, onnx_path, threads)
-        delay = self.ms.get(Path(onnx_path).name, 0.0) / 1000
-
-        class Slow:
-            def __call__(self, x):
-                time.sleep(delay)
-                return runner(x)
-
-            def layer_times(self, x, repeats):
-                return runner.layer_times(x, repeats)
-
-            def close(self):
-                runner.close()
-
-        return Slow()
+from ._services import FAST, ChosenTimes, compress_options
 
 
 def _search(tmp_path, trained, monkeypatch, ms):

@@ -119,8 +119,12 @@ def decompose_cmd(
     """Low-rank decomposition (SVD / Tucker-2 / CP), fine-tune with distillation, export and measure."""
     _console.set_quiet(quiet)
     require_model(model.spec, model.weights, "zoo:resnet --weights model.safetensors")
-    cfg = LowRank(conv=conv, linear=linear, energy=energy, ratio=ratio, ranks=_ranks(rank), skip=list(skip or []),
-                  if_slower=if_slower)
+    try:
+        cfg = LowRank(conv=conv, linear=linear, energy=energy, ratio=ratio, ranks=_ranks(rank), skip=list(skip or []),
+                      if_slower=if_slower)
+    except ConfigError as e:  # name the flag the field came from (--if-slower, --rank ...)
+        flag = {"ranks": "rank"}.get(e.field or "", e.field or "")
+        raise e.located(f"--{flag.replace('_', '-')}") if e.field and not e.where else e from None
     steps = [Step("decompose", cfg)]
     if finetune_epochs:
         steps.append(Step("finetune", Finetune(epochs=finetune_epochs, lr=lr, seed=seed)))

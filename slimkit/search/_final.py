@@ -45,7 +45,7 @@ from .. import _console
 from ..errors import ConfigError
 from ..pipeline import Finetune, Recipe, Step, get_step, recipe_summary, time_side_by_side
 from ._results import _SELECT, _is_feasible
-from ._space import is_training_step
+from ._space import is_training_step, with_max_batches
 from ._trial import Session, _plain, apply_trial, constraint_values, describe_figures, figures_of
 
 __all__ = ["final_recipe", "pick_finalists", "RECOVERABLE_DROP", "finalist_stage", "stored_finalists", "FINAL_ATTR", "FINAL_PATIENCE",
@@ -59,24 +59,6 @@ FINAL_PATIENCE = 3
 FINALISTS_DIR = "finalists"
 
 
-def _uncap(config: Any, batches: int | None) -> Any:
-    """``config`` with every fine-tune epoch's batch cap (a field ``max_batches``, nested ones too) set
-    to ``batches`` (``None``: whole epochs): the proxy trials' cap lifted."""
-    if not dataclasses.is_dataclass(config) or isinstance(config, type):
-        return config
-    changes: dict[str, Any] = {}
-    for f in dataclasses.fields(config):
-        value = getattr(config, f.name)
-        if f.name == "max_batches":
-            if value != batches:
-                changes[f.name] = batches
-        elif dataclasses.is_dataclass(value) and not isinstance(value, type):
-            lifted = _uncap(value, batches)
-            if lifted is not value:
-                changes[f.name] = lifted
-    return dataclasses.replace(config, **changes) if changes else config
-
-
 def final_recipe(recipe: Recipe | dict[str, Any], *, epochs: int, batches: int | None, target: str,
                  patience: int = FINAL_PATIENCE) -> Recipe:
     """A proxy trial's recipe with a full fine-tune: every batch cap lifted (or ``batches``), its
@@ -86,7 +68,7 @@ def final_recipe(recipe: Recipe | dict[str, Any], *, epochs: int, batches: int |
     steps = []
     tuned = False
     for step in Recipe.coerce(copy.deepcopy(recipe)).steps:
-        config = _uncap(step.config, batches)
+        config = with_max_batches(step.config, batches)
         if is_training_step(get_step(step.name)):  # finetune, distill: the recipe's own fine-tunes
             distill = {"distill": True} if any(f.name == "distill" for f in dataclasses.fields(config)) else {}
             config = dataclasses.replace(config, epochs=epochs, patience=patience, **distill)

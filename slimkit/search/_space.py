@@ -20,7 +20,7 @@ from ..errors import ConfigError
 from ..pipeline import Recipe, Step, StepSpec, get_step, step_names
 from ..training import TrainConfig
 
-__all__ = ["searchable_steps", "draw_recipe", "GridTrial", "GRID_LEVELS", "off_switch", "warm_start", "on_the_file"]
+__all__ = ["searchable_steps", "draw_recipe", "GridTrial", "GRID_LEVELS", "off_switch", "warm_start", "on_the_file", "with_max_batches"]
 
 # Steps every searched recipe needs (the artifact is measured on the target).
 ALWAYS = ("export",)
@@ -47,20 +47,22 @@ def searchable_steps(target: str, methods: Iterable[str] | None = None) -> list[
     return sorted(out, key=lambda s: (s.order, s.name))
 
 
-def _cap_batches(config: Any, max_batches: int | None) -> Any:
-    """Cap batches per fine-tune epoch on any config that trains (a field ``max_batches``),
-    nested ones included (a pruning step's own ``finetune``)."""
-    if max_batches is None or not dataclasses.is_dataclass(config) or isinstance(config, type):
+def with_max_batches(config: Any, max_batches: int | None, *, only_unset: bool = False) -> Any:
+    """``config`` with the batch cap of every fine-tune epoch (a field ``max_batches``, nested ones
+    included: a pruning step's own ``finetune``) set to ``max_batches`` (``None``: whole epochs);
+    with ``only_unset``, only the caps that are not set yet (a trial's proxy cap)."""
+    if not dataclasses.is_dataclass(config) or isinstance(config, type):
         return config
     changes: dict[str, Any] = {}
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
-        if f.name == "max_batches" and value is None:
-            changes[f.name] = max_batches
+        if f.name == "max_batches":
+            if value != max_batches and not (only_unset and value is not None):
+                changes[f.name] = max_batches
         elif dataclasses.is_dataclass(value) and not isinstance(value, type):
-            capped = _cap_batches(value, max_batches)
-            if capped is not value:
-                changes[f.name] = capped
+            changed = with_max_batches(value, max_batches, only_unset=only_unset)
+            if changed is not value:
+                changes[f.name] = changed
     return dataclasses.replace(config, **changes) if changes else config
 
 
@@ -90,7 +92,8 @@ def draw_recipe(
         if not isinstance(config, spec.config):
             raise TypeError(f"the search space of step '{spec.name}' returned {type(config).__name__}, "
                             f"not its config {spec.config.__name__} (or None)")
-        steps.append(Step(spec.name, _cap_batches(config, max_batches)))
+        steps.append(Step(spec.name, config if max_batches is None else
+                          with_max_batches(config, max_batches, only_unset=True)))
         state -= spec.clears
         state |= spec.sets
     recipe = Recipe(steps)
